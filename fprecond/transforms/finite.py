@@ -1,0 +1,67 @@
+"""Skipping steps whose gradients or updates are not finite."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from fprecond.base import GradientTransformation, OptState, Params, Updates
+from fprecond._validation import step_counter
+from fprecond.tree import tree_all_finite, tree_map, tree_where, tree_zeros_like
+
+__all__ = ["apply_if_finite", "ApplyIfFiniteState"]
+
+
+class ApplyIfFiniteState(NamedTuple):
+    """State of :func:`apply_if_finite`.
+
+    Attributes:
+        skipped: total number of skipped steps (0-dim int64).
+        consecutive_skipped: skipped steps since the last finite one.
+        last_finite: whether the last step was applied (0-dim bool).
+        inner_state: the wrapped transform's state (unchanged by skipped steps).
+    """
+
+    skipped: torch.Tensor
+    consecutive_skipped: torch.Tensor
+    last_finite: torch.Tensor
+    inner_state: OptState
+
+
+def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
+    """Run ``inner`` and keep its result only when the incoming updates and the
+    outgoing ones are all finite.
+
+    On a non-finite step the returned update is zero (so ``apply_updates`` leaves
+    the parameters as they are), ``inner``'s state is kept as it was, and the skip
+    counters grow. The choice is made with ``torch.where``, so under ``vmap`` one
+    ensemble member's NaN does not skip the others' steps.
+    """
+    if not isinstance(inner, GradientTransformation):
+        raise TypeError(f"apply_if_finite: inner must be a GradientTransformation, got {type(inner).__name__}")
+
+    def init(params: Params) -> ApplyIfFiniteState:
+        zero = step_counter("apply_if_finite", params)
+        return ApplyIfFiniteState(
+            skipped=zero,
+            consecutive_skipped=zero.clone(),
+            last_finite=torch.ones((), dtype=torch.bool, device=zero.device),
+            inner_state=inner.init(params),
+        )
+
+    def update(updates: Updates, state: ApplyIfFiniteState, params: Params | None = None, **extra: Any):
+        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
+        finite = tree_all_finite(updates) & tree_all_finite(new_updates)
+        out = tree_where(finite, new_updates, tree_zeros_like(new_updates))
+        kept_inner = tree_where(finite, new_inner, state.inner_state)
+        skipped_now = (~finite).to(state.skipped.dtype)
+        new_state = ApplyIfFiniteState(
+            skipped=state.skipped + skipped_now,
+            consecutive_skipped=(state.consecutive_skipped + 1) * skipped_now,
+            last_finite=finite,
+            inner_state=kept_inner,
+        )
+        return out, new_state
+
+    return GradientTransformation(init, update)

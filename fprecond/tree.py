@@ -1,0 +1,242 @@
+"""Tree math on pytrees of tensors (dicts of parameters, state classes).
+
+All helpers are pure and out of place, so they are safe under ``torch.func``
+transforms. They are thin wrappers over :mod:`optree` in fprecond's own
+namespace, so state classes declared with :func:`pytree_dataclass` are
+traversed like NamedTuples and dicts.
+
+Ordering: :func:`ravel` lays leaves out in *insertion* order of dicts, which for
+a parameter dict built from ``module.named_parameters()`` is the order of
+``named_parameters``; each tensor is flattened row-major. This is the order of
+every dense curvature matrix in fprecond.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, TypeVar
+
+import optree
+import torch
+import torch.utils._pytree as torch_pytree
+
+__all__ = [
+    "NAMESPACE",
+    "PyTree",
+    "pytree_dataclass",
+    "static_field",
+    "tree_map",
+    "tree_leaves",
+    "tree_structure",
+    "tree_add",
+    "tree_sub",
+    "tree_scale",
+    "tree_add_scaled",
+    "tree_vdot",
+    "tree_sum_squares",
+    "tree_global_norm",
+    "tree_zeros_like",
+    "tree_ones_like",
+    "tree_where",
+    "tree_all_finite",
+    "tree_size",
+    "ravel",
+    "unravel",
+]
+
+NAMESPACE = "fprecond"
+PyTree = Any
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- state classes
+
+
+def static_field(**kwargs: Any) -> Any:
+    """A dataclass field that is metadata, not a leaf (e.g. a layer name or a shape).
+
+    Static fields travel in the tree structure, so they must be hashable and are
+    shared by all members of a ``vmap``. Use them sparingly: states hold tensor
+    leaves only.
+    """
+    metadata = dict(kwargs.pop("metadata", {}) or {})
+    metadata["static"] = True
+    return dataclasses.field(metadata=metadata, **kwargs)
+
+
+def pytree_dataclass(cls: type[T]) -> type[T]:
+    """Turn ``cls`` into a frozen dataclass registered as a pytree node with both
+    :mod:`optree` (for :mod:`fprecond.tree`) and ``torch.utils._pytree`` (for
+    ``torch.func.vmap``/``grad``, which reject classes known to optree only).
+
+    Fields declared with :func:`static_field` are carried in the tree structure;
+    all other fields are children (tensors or nested pytrees).
+
+    Example::
+
+        @pytree_dataclass
+        class MomentumState:
+            velocity: dict[str, torch.Tensor]
+            count: torch.Tensor          # 0-dim step counter
+    """
+    cls = dataclasses.dataclass(frozen=True)(cls)  # type: ignore[assignment]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    child_names = tuple(f.name for f in fields if not f.metadata.get("static", False))
+    static_names = tuple(f.name for f in fields if f.metadata.get("static", False))
+
+    def _split(obj: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        children = tuple(getattr(obj, name) for name in child_names)
+        static = tuple(getattr(obj, name) for name in static_names)
+        return children, static
+
+    def _build(children: Any, static: tuple[Any, ...]) -> Any:
+        kwargs = dict(zip(child_names, children))
+        kwargs.update(zip(static_names, static))
+        return cls(**kwargs)
+
+    def _optree_flatten(obj: Any) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, ...]]:
+        children, static = _split(obj)
+        return children, static, child_names
+
+    optree.register_pytree_node(
+        cls,  # type: ignore[arg-type]
+        _optree_flatten,
+        lambda static, children: _build(children, static),
+        namespace=NAMESPACE,
+    )
+    torch_pytree.register_pytree_node(
+        cls,
+        lambda obj: (list(_split(obj)[0]), _split(obj)[1]),
+        lambda children, static: _build(children, static),
+        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+    )
+    return cls
+
+
+# --------------------------------------------------------------------------- traversal
+
+
+def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """Apply ``fn`` leaf-wise to ``tree`` and trees of the same structure in ``rest``."""
+    return optree.tree_map(fn, tree, *rest, namespace=NAMESPACE)
+
+
+def tree_leaves(tree: PyTree) -> list[Any]:
+    """Leaves of ``tree`` in insertion order of dicts (``named_parameters`` order)."""
+    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
+        return optree.tree_leaves(tree, namespace=NAMESPACE)
+
+
+def _reduce_leaves(fn: Callable[..., torch.Tensor], *trees: PyTree) -> list[torch.Tensor]:
+    # Pair leaves through tree_map (by key, not by position) so two dicts with the
+    # same keys in different insertion order still line up.
+    return optree.tree_leaves(tree_map(fn, *trees), namespace=NAMESPACE)
+
+
+def tree_structure(tree: PyTree) -> Any:
+    """The structure of ``tree`` (comparable with ``==``)."""
+    return optree.tree_structure(tree, namespace=NAMESPACE)
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+def tree_add(a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-wise ``a + b``."""
+    return tree_map(torch.add, a, b)
+
+
+def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-wise ``a - b``."""
+    return tree_map(torch.sub, a, b)
+
+
+def tree_scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
+    """Leaf-wise ``factor * tree`` (``factor`` a number or a 0-dim tensor)."""
+    return tree_map(lambda x: x * factor, tree)
+
+
+def tree_add_scaled(a: PyTree, b: PyTree, factor: float | torch.Tensor) -> PyTree:
+    """Leaf-wise ``a + factor * b``."""
+    return tree_map(lambda x, y: x + factor * y, a, b)
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> torch.Tensor:
+    """Inner product ``Σ_leaves <a, b>`` as a 0-dim tensor."""
+    products = _reduce_leaves(lambda x, y: torch.sum(x * y), a, b)
+    return torch.stack(products).sum() if products else torch.zeros(())
+
+
+def tree_sum_squares(tree: PyTree) -> torch.Tensor:
+    """``Σ_leaves ||x||²`` as a 0-dim tensor."""
+    return tree_vdot(tree, tree)
+
+
+def tree_global_norm(tree: PyTree) -> torch.Tensor:
+    """The Euclidean norm of all leaves taken together (``optax.global_norm``)."""
+    return torch.sqrt(tree_sum_squares(tree))
+
+
+def tree_zeros_like(tree: PyTree) -> PyTree:
+    """A tree of zeros with the shapes, dtypes and devices of ``tree``."""
+    return tree_map(torch.zeros_like, tree)
+
+
+def tree_ones_like(tree: PyTree) -> PyTree:
+    """A tree of ones with the shapes, dtypes and devices of ``tree``."""
+    return tree_map(torch.ones_like, tree)
+
+
+def tree_where(condition: torch.Tensor, a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-wise ``torch.where(condition, a, b)`` with a 0-dim boolean ``condition``.
+
+    The selection is data-dependent without Python branching, so it is safe under
+    ``vmap`` (each ensemble member picks its own branch).
+    """
+    return tree_map(lambda x, y: torch.where(condition, x, y), a, b)
+
+
+def tree_all_finite(tree: PyTree) -> torch.Tensor:
+    """A 0-dim boolean tensor: True when no leaf holds NaN or ±Inf."""
+    flags = _reduce_leaves(lambda x: torch.isfinite(x).all(), tree)
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+
+
+def tree_size(tree: PyTree) -> int:
+    """Total number of scalar entries in all leaves."""
+    return sum(x.numel() for x in tree_leaves(tree))
+
+
+# --------------------------------------------------------------------------- flat vectors
+
+
+def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]:
+    """Flatten all leaves into one vector and return it with its inverse.
+
+    Leaves are concatenated in insertion order of dicts (``named_parameters``
+    order), each flattened row-major; all leaves must share a dtype.
+
+    Returns:
+        ``(flat, unravel_fn)`` where ``flat`` has shape ``(P,)`` and
+        ``unravel_fn(flat)`` rebuilds a tree of the original structure.
+    """
+    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
+        leaves, spec = optree.tree_flatten(tree, namespace=NAMESPACE)
+    shapes = [leaf.shape for leaf in leaves]
+    flat = torch.cat([leaf.reshape(-1) for leaf in leaves]) if leaves else torch.zeros(0)
+
+    def unravel_fn(vector: torch.Tensor) -> PyTree:
+        return unravel(vector, spec, shapes)
+
+    return flat, unravel_fn
+
+
+def unravel(vector: torch.Tensor, spec: Any, shapes: list[torch.Size]) -> PyTree:
+    """Inverse of :func:`ravel` given the tree spec and the leaves' shapes."""
+    sizes = [int(torch.Size(shape).numel()) for shape in shapes]
+    if vector.shape[-1] != sum(sizes):
+        raise ValueError(f"unravel: vector has {vector.shape[-1]} entries, the tree needs {sum(sizes)}")
+    pieces = torch.split(vector, sizes)
+    leaves = [piece.reshape(shape) for piece, shape in zip(pieces, shapes)]
+    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
+        return optree.tree_unflatten(spec, leaves)

@@ -1,0 +1,17 @@
+"""The README's Python examples run as written."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_blocks_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "the README has no Python example"
+    namespace: dict = {}
+    for block in blocks:  # later blocks continue from earlier ones, as a reader would
+        exec(compile(block, str(README), "exec"), namespace)
+    assert namespace["stacked"]["0.weight"].shape[0] == 3
