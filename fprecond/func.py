@@ -75,18 +75,22 @@ def per_example_grads(model: Model, params: Params, batch: Any) -> Params:
 def jvp(model: Model, params: Params, inputs: Any, tangents: Params) -> tuple[torch.Tensor, torch.Tensor]:
     """``(f(θ), J v)``: the outputs and the Jacobian of the outputs w.r.t. ``params``
     applied to ``tangents`` (shaped like ``params``); ``J v`` is shaped like the outputs."""
-    return _jvp(lambda p: model.apply(p, inputs), (params,), (tangents,))
+    outputs, tangent_outputs = _jvp(lambda p: model.apply(p, inputs), (params,), (tangents,))[:2]
+    return outputs, tangent_outputs
 
 
 def vjp(model: Model, params: Params, inputs: Any, cotangents: torch.Tensor) -> Params:
     """``Jᵀ u``: the transposed output Jacobian applied to ``cotangents`` (shaped like the outputs)."""
-    _, pullback = _vjp(lambda p: model.apply(p, inputs), params)
+    _, pullback = _vjp(lambda p: model.apply(p, inputs), params)[:2]
     return pullback(cotangents)[0]
 
 
 def hvp(model: Model, params: Params, batch: Any, vector: Params) -> Params:
     """``H v`` with ``H = ∇²_θ L`` (forward-over-reverse; costs about two backward passes)."""
-    return _jvp(grad(lambda p: model.batch_loss(p, batch)), (params,), (vector,))[1]
+    def gradient(p: Params) -> Params:
+        return grad(model.batch_loss)(p, batch)
+
+    return _jvp(gradient, (params,), (vector,))[1]
 
 
 def _output_space_vp(model: Model, params: Params, inputs: Any, vector: Params, middle) -> Params:

@@ -109,7 +109,7 @@ class CrossEntropyLoss(Loss):
 
     def term_losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         log_probs = torch.log_softmax(outputs, dim=-1)
-        return -torch.gather(log_probs, -1, targets.unsqueeze(-1)).squeeze(-1)
+        return -torch.gather(log_probs, -1, targets.long().unsqueeze(-1)).squeeze(-1)
 
     def reduction_factor(self, outputs: torch.Tensor) -> int:
         return math.prod(outputs.shape[:-1]) if self.reduction == "mean" else 1

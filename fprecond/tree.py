@@ -101,7 +101,7 @@ def pytree_dataclass(cls: type[T]) -> type[T]:
     optree.register_pytree_node(
         cls,  # type: ignore[arg-type]
         _optree_flatten,
-        lambda static, children: _build(children, static),
+        lambda static, children: _build(children, static),  # type: ignore[arg-type]
         namespace=NAMESPACE,
     )
     torch_pytree.register_pytree_node(

@@ -104,6 +104,14 @@ def test_sampled_gradient_outer_products_average_to_output_hessian(loss_name):
     assert_relative_close(second_moment, loss.hessian(outputs)[0], 0.04)
 
 
+def test_cross_entropy_accepts_any_integer_target_dtype():
+    outputs = _outputs((5, 3))
+    targets = torch.tensor([0, 2, 1, 1, 0])
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        assert_relative_close(fp.losses.cross_entropy()(outputs, targets.to(dtype)),
+                              fp.losses.cross_entropy()(outputs, targets), 1e-15)
+
+
 def test_targets_are_checked_against_outputs():
     with pytest.raises(ValueError, match="targets must have shape"):
         fp.losses.cross_entropy()(torch.zeros(4, 3), torch.zeros(4, 2, dtype=torch.long))

@@ -17,7 +17,7 @@ class ScaleByAdamState(NamedTuple):
     """Adam's state: the step count, first and second moments, and (AMSGrad only)
     the running maximum of the second moment (an empty dict otherwise)."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # optax's name, shadows tuple.count
     mu: PyTree
     nu: PyTree
     nu_max: PyTree

@@ -17,7 +17,7 @@ __all__ = ["scale", "scale_by_learning_rate", "ScaleByScheduleState"]
 class ScaleByScheduleState(NamedTuple):
     """State of a scheduled scaling: the number of updates taken (0-dim int64)."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # optax's name, shadows tuple.count
 
 
 def scale(factor: float) -> GradientTransformation:
