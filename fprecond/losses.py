@@ -76,9 +76,9 @@ class Loss(abc.ABC):
     def hessian_sqrt(self, outputs: torch.Tensor) -> torch.Tensor:
         """``S`` with ``S_nt S_ntᵀ = ∂²L/∂f_nt²``, shape ``(*outputs.shape, C)`` (last dim: columns)."""
 
+    @abc.abstractmethod
     def hessian_vp(self, outputs: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        """``(∂²L/∂f²) v`` for ``v`` shaped like the outputs."""
-        return torch.einsum("...ij,...j->...i", self.hessian(outputs), vector)
+        """``(∂²L/∂f²) v`` for ``v`` shaped like the outputs, without forming the blocks."""
 
     # ---- sampling ---------------------------------------------------------------------------
     @abc.abstractmethod

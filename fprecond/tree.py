@@ -104,9 +104,13 @@ def pytree_dataclass(cls: type[T]) -> type[T]:
         lambda static, children: _build(children, static),  # type: ignore[arg-type]
         namespace=NAMESPACE,
     )
+    def _torch_flatten(obj: Any) -> tuple[list[Any], tuple[Any, ...]]:
+        children, static = _split(obj)
+        return list(children), static
+
     torch_pytree.register_pytree_node(
         cls,
-        lambda obj: (list(_split(obj)[0]), _split(obj)[1]),
+        _torch_flatten,
         lambda children, static: _build(children, static),
         serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
     )
