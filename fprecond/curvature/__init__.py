@@ -1,0 +1,32 @@
+"""Curvature: kinds (Hessian, GGN, Fisher exact and Monte-Carlo, empirical Fisher)
+in structures (full, layer, kron, unit, diag) as immutable factor pytrees."""
+
+from fprecond.curvature.blocks import (
+    CurvatureBlock,
+    DenseBlock,
+    DiagonalBlock,
+    KroneckerBlock,
+    KroneckerEigenBlock,
+    UnitBlock,
+)
+from fprecond.curvature.estimate import CurvatureEstimator, EstimatorState, estimate, estimator
+from fprecond.curvature.matrix import Curvature
+from fprecond.curvature.plan import KINDS, STRUCTURES, Kind, Structure
+
+__all__ = [
+    "KINDS",
+    "STRUCTURES",
+    "Curvature",
+    "CurvatureBlock",
+    "CurvatureEstimator",
+    "DenseBlock",
+    "DiagonalBlock",
+    "EstimatorState",
+    "Kind",
+    "KroneckerBlock",
+    "KroneckerEigenBlock",
+    "Structure",
+    "UnitBlock",
+    "estimate",
+    "estimator",
+]

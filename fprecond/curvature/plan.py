@@ -1,0 +1,103 @@
+"""Which block covers which parameters, decided once from the model, the curvature
+kind and the structure, so that invalid combinations fail at construction.
+
+Structures:
+
+- ``full``: one dense block over all parameters.
+- ``layer``: one dense block per supported layer (weight and bias together) and
+  one per parameter outside supported layers.
+- ``kron``: Kronecker factors for Linear, Conv and Embedding layers (expand or
+  reduce for weight sharing); norm layers (LayerNorm, BatchNorm) use their exact
+  unit-wise 2x2 blocks, since a scale-and-shift layer has no useful Kronecker
+  form (the choice ASDL makes).
+- ``unit``: unit-wise blocks for every supported layer.
+- ``diag``: the diagonal, for every parameter.
+
+Parameters outside supported layers have no Kronecker or unit-wise form: with
+``fallback="error"`` (default) ``kron``/``unit`` raise naming them; with
+``fallback="diag"`` they get diagonal blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from fprecond._validation import check_choice
+from fprecond.layers import MatrixLayout, form_of
+from fprecond.modeling import Layer, Model
+
+__all__ = ["BlockPlan", "plan_blocks", "KINDS", "STRUCTURES", "Kind", "Structure"]
+
+Kind = Literal["hessian", "ggn", "fisher", "fisher_mc", "empirical_fisher"]
+Structure = Literal["full", "layer", "kron", "unit", "diag"]
+KINDS: tuple[str, ...] = ("hessian", "ggn", "fisher", "fisher_mc", "empirical_fisher")
+STRUCTURES: tuple[str, ...] = ("full", "layer", "kron", "unit", "diag")
+NORM_KINDS = ("layernorm", "batchnorm")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """One planned block: ``form`` is ``"dense"``, ``"kron"``, ``"unit"`` or ``"diag"``;
+    ``layer`` is the supported layer it comes from (None for other parameters)."""
+
+    form: str
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    layer: Layer | None = None
+    layout: MatrixLayout | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes)
+
+
+def plan_blocks(model: Model, kind: str, structure: str, approx: str = "expand",
+                fallback: str = "error") -> tuple[BlockPlan, ...]:
+    """The blocks of ``structure`` for ``model`` (raises ``ValueError`` for undefined combinations)."""
+    owner = "curvature"
+    check_choice(owner, "kind", kind, KINDS)
+    check_choice(owner, "structure", structure, STRUCTURES)
+    check_choice(owner, "approx", approx, ("expand", "reduce"))
+    check_choice(owner, "fallback", fallback, ("error", "diag"))
+    shapes = {name: tuple(p.shape) for name, p in model.module.named_parameters()}
+
+    if structure == "full":
+        return (BlockPlan("dense", model.param_names, tuple(shapes[n] for n in model.param_names)),)
+
+    plans: list[BlockPlan] = []
+    for layer in model.layers:
+        form = form_of(layer)
+        form.validate(layer)
+        layout = form.layout(layer)
+        names = layout.names
+        block_shapes = tuple(shapes[n] for n in names)
+        if structure == "layer":
+            plans.append(BlockPlan("dense", names, block_shapes, layer, layout))
+        elif structure == "diag":
+            plans.append(BlockPlan("diag", names, block_shapes, layer, layout))
+        elif structure == "unit" or layer.kind in NORM_KINDS:
+            plans.append(BlockPlan("unit", names, block_shapes, layer, layout))
+        else:
+            if kind == "hessian" and approx == "expand" and form.always_shared:
+                raise ValueError(
+                    f"curvature: kind 'hessian' with structure 'kron' and approx 'expand' is undefined for "
+                    f"{layer.kind} layer {layer.name!r}: its weight is shared over positions and the expand "
+                    "approximation would need one Hessian-vector product per position; use approx='reduce'"
+                )
+            plans.append(BlockPlan("kron", names, block_shapes, layer, layout))
+
+    for name in model.unsupported:
+        if structure in ("kron", "unit") and fallback == "error":
+            raise ValueError(
+                f"curvature: kind {kind!r} with structure {structure!r} is undefined for parameter {name!r}: it is "
+                f"not in a supported layer ({', '.join(sorted(set(SUPPORTED_NAMES)))}); pass fallback='diag' to "
+                "give such parameters a diagonal block"
+            )
+        form_name = "dense" if structure == "layer" else "diag"
+        plans.append(BlockPlan(form_name, (name,), (shapes[name],)))
+    return tuple(plans)
+
+
+SUPPORTED_NAMES = ("Linear", "Conv1d", "Conv2d", "Embedding", "LayerNorm", "BatchNorm1d", "BatchNorm2d")

@@ -1,0 +1,63 @@
+"""``nn.Conv1d`` and ``nn.Conv2d`` with stride, padding (any mode), dilation and groups.
+
+The input is padded as the module pads it, then unfolded into patches
+(``F.unfold``): ``P`` output locations share the kernel, and each of the
+``groups`` channel groups is a group of the layout, with ``S = C_in/groups ·
+prod(kernel)`` inputs (plus the homogeneous coordinate for the bias) and
+``O = C_out/groups`` outputs. The patch order (channel, then kernel rows, then
+kernel columns) matches the row-major flattening of the weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fprecond.layers.base import LayerForm, append_homogeneous
+from fprecond.layers.layout import MatrixLayout
+from fprecond.modeling import Layer
+
+
+class ConvForm(LayerForm):
+    always_shared = True
+
+    def __init__(self, spatial_dims: int) -> None:
+        self.spatial_dims = spatial_dims
+
+    def validate(self, layer: Layer) -> None:
+        if layer.weight is None:
+            raise ValueError(f"convolution {layer.name!r}: a bias without a weight is not supported")
+
+    def layout(self, layer: Layer) -> MatrixLayout:
+        module = layer.module
+        shape = tuple(module.weight.shape)
+        groups = module.groups
+        per_group_inputs = math.prod(shape[1:])
+        return MatrixLayout("rows", layer.weight, layer.bias, shape, groups, shape[0] // groups,
+                            per_group_inputs + int(layer.bias is not None))
+
+    def features(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if module.padding_mode == "zeros":
+            return F.pad(x, module._reversed_padding_repeated_twice)
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+
+    def inputs(self, layer: Layer, features: torch.Tensor) -> torch.Tensor:
+        module = layer.module
+        x = features
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+        if self.spatial_dims == 1:
+            x = x.unsqueeze(-2)
+            kernel, stride, dilation = (1, kernel[0]), (1, stride[0]), (1, dilation[0])
+        patches = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # (N, C·k, P)
+        n = patches.shape[0]
+        patches = patches.transpose(1, 2).reshape(n, patches.shape[2], module.groups, -1)
+        return append_homogeneous(patches, layer.bias is not None)
+
+    def output_grads(self, layer: Layer, grads: torch.Tensor) -> torch.Tensor:
+        k, n, channels = grads.shape[0], grads.shape[1], grads.shape[2]
+        groups = layer.module.groups
+        flat = grads.reshape(k, n, channels, -1).transpose(2, 3)  # (K, N, P, C_out)
+        return flat.reshape(k, n, flat.shape[2], groups, channels // groups)
