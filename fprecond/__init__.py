@@ -3,7 +3,7 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from fprecond import losses, random, schedules, tree
+from fprecond import curvature, layers, losses, random, schedules, tree
 from fprecond.base import (
     EmptyState,
     GradientTransformation,
@@ -29,6 +29,7 @@ from fprecond.func import (
     per_example_grads,
     vjp,
 )
+from fprecond.curvature import Curvature, CurvatureEstimator
 from fprecond.modeling import Layer, Model, model
 from fprecond.optimizers import adam, adamw, sgd
 from fprecond.transforms import (
@@ -44,12 +45,15 @@ from fprecond.transforms import (
     scale_by_learning_rate,
     trace,
 )
+from fprecond.taps import Taps, layer_taps
 from fprecond.tree import pytree_dataclass, static_field
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ApplyIfFiniteState",
+    "Curvature",
+    "CurvatureEstimator",
     "EmptyState",
     "GradientTransformation",
     "Layer",
@@ -60,6 +64,7 @@ __all__ = [
     "ScaleByAdamState",
     "ScaleByScheduleState",
     "Schedule",
+    "Taps",
     "TraceState",
     "Updates",
     "__version__",
@@ -70,12 +75,15 @@ __all__ = [
     "apply_updates",
     "chain",
     "clip_by_global_norm",
+    "curvature",
     "empirical_fisher_vp",
     "fisher_vp",
     "ggn_vp",
     "hvp",
     "identity",
     "jvp",
+    "layer_taps",
+    "layers",
     "loss_and_grads",
     "losses",
     "model",

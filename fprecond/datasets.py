@@ -15,7 +15,7 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[tuple[torch.Tenso
     fixed, seeded split.
     """
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # type: ignore[import-untyped]
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("the digits dataset needs scikit-learn: pip install 'fprecond[examples]'") from error
     data = load_digits()

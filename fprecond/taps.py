@@ -65,6 +65,7 @@ def _hooks(layers: tuple[Layer, ...], perturbations: Params | None, features: di
                 features[layer.name] = output
                 return output
             features[layer.name] = form.features(module, args[0]).detach()
+            assert perturbations is not None
             return output + perturbations[layer.name]
 
         return hook
@@ -148,7 +149,7 @@ def layer_taps(model: Model, params: Params, inputs: Any,
         ``n`` only, ``output_grads[l][k, n]`` is example ``n``'s own gradient.
     """
     fn, zeros = perturbed_forward(model, params, inputs, buffers)
-    outputs, pullback, features = vjp(fn, zeros, has_aux=True)
+    outputs, pullback, features = vjp(fn, zeros, has_aux=True)  # type: ignore[misc]
     vectors = cotangents(outputs.detach())
     if vectors.shape[0] == 1:
         grads = tree_map(lambda g: g.unsqueeze(0), pullback(vectors[0])[0])

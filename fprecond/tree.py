@@ -19,6 +19,7 @@ from typing import Any, Callable, TypeVar
 import optree
 import torch
 import torch.utils._pytree as torch_pytree
+from typing_extensions import dataclass_transform
 
 __all__ = [
     "NAMESPACE",
@@ -64,6 +65,7 @@ def static_field(**kwargs: Any) -> Any:
     return dataclasses.field(metadata=metadata, **kwargs)
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field, static_field))
 def pytree_dataclass(cls: type[T]) -> type[T]:
     """Turn ``cls`` into a frozen dataclass registered as a pytree node with both
     :mod:`optree` (for :mod:`fprecond.tree`) and ``torch.utils._pytree`` (for

@@ -23,18 +23,25 @@ positions, like the GGN's reduce factor).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from fprecond._validation import check_choice, check_number
-from fprecond.curvature.blocks import CurvatureBlock, DenseBlock, DiagonalBlock, KroneckerBlock, UnitBlock
+from fprecond.curvature.blocks import (
+    CurvatureBlock,
+    DenseBlock,
+    DiagonalBlock,
+    KroneckerBlock,
+    UnitBlock,
+    split_vector,
+)
 from fprecond.curvature.hessian import hessian_block, output_hessians
 from fprecond.curvature.matrix import Curvature
 from fprecond.curvature.plan import BlockPlan, plan_blocks
 from fprecond.curvature.vectors import cotangents, example_gradient_vectors
-from fprecond.layers import form_of, from_matrix
-from fprecond.layers import contractions
+from fprecond.layers import MatrixLayout, contractions, flat_index_matrix, form_of, from_matrix
+from fprecond.layers.contractions import KronApprox
 from fprecond.modeling import Layer, Model, unpack_batch
 from fprecond.taps import Taps, layer_taps, perturbed_forward
 from fprecond.tree import pytree_dataclass, tree_map
@@ -115,19 +122,19 @@ class _Builder:
         if plan.layer is None:  # diagonal of a parameter outside supported layers
             vectors = self.gradient_vectors(plan.names)
             return DiagonalBlock({name: v.square().sum(dim=(0, 1)) for name, v in vectors.items()}, plan.names)
-        inputs, grads = self.layer_statistics(plan.layer)
-        layout = plan.layout
+        layer, layout = _owner(plan)
+        inputs, grads = self.layer_statistics(layer)
         if plan.form == "diag":
             return DiagonalBlock(from_matrix(layout, contractions.diagonal(inputs, grads)), plan.names)
         if plan.form == "unit":
             blocks = contractions.unit_blocks(inputs, grads)
             return UnitBlock(blocks.reshape(layout.units, layout.inputs, layout.inputs), layout)
-        a, g = contractions.kronecker_factors(inputs, grads, self.approx)
+        a, g = contractions.kronecker_factors(inputs, grads, cast(KronApprox, self.approx))
         return KroneckerBlock(a, g, a.new_zeros(()), layout)
 
     def _hessian_block(self, plan: BlockPlan) -> CurvatureBlock:
-        layer, layout = plan.layer, plan.layout
         if plan.form == "kron":
+            layer, layout = _owner(plan)
             inputs, columns = output_hessians(self.model, self.params, self.batch, layer, self.buffers)
             if inputs.shape[1] > 1 and self.approx == "expand":
                 raise ValueError(
@@ -137,22 +144,22 @@ class _Builder:
             groups, outputs = layout.groups, layout.outputs
             per_group = columns.reshape(groups, outputs, *columns.shape[1:])  # (G, O', N, P, G, O)
             g = torch.einsum("grnpgo->gor", per_group)
-            return KroneckerBlock(contractions.input_factor(inputs, self.approx), g, g.new_zeros(()), layout)
-        if plan.form in ("diag", "unit") and layer is not None and not self.shared_positions(layer):
+            a = contractions.input_factor(inputs, cast(KronApprox, self.approx))
+            return KroneckerBlock(a, g, g.new_zeros(()), layout)
+        if plan.form in ("diag", "unit") and plan.layer is not None and not self.shared_positions(plan.layer):
             return self._hessian_unshared_linear(plan)
         matrix = hessian_block(self.model, self.params, self.batch, plan.names, self.buffers)
         if plan.form == "dense":
             return DenseBlock(matrix, plan.names, plan.shapes)
         if plan.form == "diag":
-            flat = DenseBlock(torch.diagonal(matrix), plan.names, plan.shapes)
-            return DiagonalBlock(_split(flat.matrix, plan), plan.names)
-        return UnitBlock(_unit_blocks_of(matrix, layout), layout)
+            return DiagonalBlock(split_vector(torch.diagonal(matrix), plan.names, plan.shapes), plan.names)
+        return UnitBlock(_unit_blocks_of(matrix, _owner(plan)[1]), _owner(plan)[1])
 
     def _hessian_unshared_linear(self, plan: BlockPlan) -> CurvatureBlock:
         """Exact diagonal / unit blocks of a Linear layer without weight sharing, from its
         per-example output Hessians ``∂²L/∂z_n²`` (the block is ``Σ_n ∂²L/∂z_n² ⊗ ã_n ã_nᵀ``)."""
-        layout = plan.layout
-        inputs, columns = output_hessians(self.model, self.params, self.batch, plan.layer, self.buffers)
+        layer, layout = _owner(plan)
+        inputs, columns = output_hessians(self.model, self.params, self.batch, layer, self.buffers)
         x = inputs[:, 0, 0]  # (N, S)
         diagonal = torch.diagonal(columns[:, :, 0, 0, :], dim1=0, dim2=2)  # (N, O)
         if plan.form == "diag":
@@ -162,16 +169,15 @@ class _Builder:
         return UnitBlock(blocks, layout)
 
 
-def _split(flat: torch.Tensor, plan: BlockPlan) -> Params:
-    from fprecond.curvature.blocks import split_vector
+def _owner(plan: BlockPlan) -> tuple[Layer, MatrixLayout]:
+    """The layer and layout of a block planned for a supported layer."""
+    if plan.layer is None or plan.layout is None:
+        raise AssertionError(f"block over {plan.names} has no layer")  # plan_blocks never does this
+    return plan.layer, plan.layout
 
-    return split_vector(flat, plan.names, plan.shapes)
 
-
-def _unit_blocks_of(matrix: torch.Tensor, layout) -> torch.Tensor:
+def _unit_blocks_of(matrix: torch.Tensor, layout: MatrixLayout) -> torch.Tensor:
     """The ``(U, S, S)`` unit-wise blocks of a dense layer block."""
-    from fprecond.layers import flat_index_matrix
-
     index = flat_index_matrix(layout, device=matrix.device).reshape(layout.units, layout.inputs)
     return matrix[index[:, :, None], index[:, None, :]]
 
@@ -229,7 +235,7 @@ def _zero_block(plan: BlockPlan, like: torch.Tensor) -> CurvatureBlock:
         return DenseBlock(zeros(plan.size, plan.size), plan.names, plan.shapes)
     if plan.form == "diag":
         return DiagonalBlock({name: zeros(*shape) for name, shape in zip(plan.names, plan.shapes)}, plan.names)
-    layout = plan.layout
+    layout = _owner(plan)[1]
     if plan.form == "unit":
         return UnitBlock(zeros(layout.units, layout.inputs, layout.inputs), layout)
     return KroneckerBlock(zeros(layout.groups, layout.inputs, layout.inputs),

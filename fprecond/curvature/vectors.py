@@ -63,6 +63,7 @@ def cotangents(kind: str, loss: Loss, targets: torch.Tensor, *, key: torch.Tenso
             if per == "term" and outputs.dim() == 3:
                 return _per_term(residual.unsqueeze(-1))
             return residual.unsqueeze(0)
+        assert key is not None, "fisher_mc needs a key"
         sampled = loss.sample_targets(outputs, key, samples=samples)  # (M, *targets.shape)
         residuals = vmap(lambda y: _loss_gradient(loss, outputs, y))(sampled)
         return math.sqrt(factor / samples) * residuals
@@ -82,7 +83,7 @@ def example_gradient_vectors(model: Model, params: dict[str, torch.Tensor], inpu
 
     def one_example(x: Any, example_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
         single = tree_map(lambda t: t.unsqueeze(0), x)
-        _, pullback = vjp(lambda p: model.apply({**params, **p}, single, buffers), subset)
+        pullback = vjp(lambda p: model.apply({**params, **p}, single, buffers), subset)[1]
         return vmap(lambda v: pullback(v.unsqueeze(0))[0])(example_vectors)
 
     return vmap(one_example, in_dims=(0, 1), out_dims=1)(inputs, vectors)

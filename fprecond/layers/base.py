@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import abc
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -44,7 +46,7 @@ class LayerForm(abc.ABC):
         """The layer's ``(G, O, S)`` layout."""
 
     @abc.abstractmethod
-    def features(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def features(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         """What the forward hook keeps from the layer input ``x``."""
 
     @abc.abstractmethod

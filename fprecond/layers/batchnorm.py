@@ -8,6 +8,8 @@ such a layer is rejected with a message saying to call ``module.eval()``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -19,7 +21,7 @@ from fprecond.modeling import Layer
 
 class BatchNormForm(LayerForm):
     def validate(self, layer: Layer) -> None:
-        module = layer.module
+        module: Any = layer.module
         if module.training or module.running_mean is None:
             raise ValueError(
                 f"batchnorm {layer.name!r} normalises with batch statistics (training mode or "
@@ -28,9 +30,10 @@ class BatchNormForm(LayerForm):
             )
 
     def layout(self, layer: Layer) -> MatrixLayout:
-        return elementwise_layout(layer, (layer.module.num_features,))
+        module: Any = layer.module
+        return elementwise_layout(layer, (module.num_features,))
 
-    def features(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def features(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
         mean = module.running_mean.reshape(shape)
         var = module.running_var.reshape(shape)

@@ -47,10 +47,12 @@ def unit_blocks(inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
 def input_factor(inputs: torch.Tensor, approx: KronApprox) -> torch.Tensor:
     """``A`` of shape ``(G, S, S)`` (see :func:`kronecker_factors`)."""
     n, p = inputs.shape[0], inputs.shape[1]
+    # Scale the (N·P, S) inputs rather than the (S, S) product: fewer operations.
     if approx == "expand":
-        return torch.einsum("npgs,npgt->gst", inputs, inputs) / (n * p)
-    mean_inputs = inputs.mean(dim=1)
-    return torch.einsum("ngs,ngt->gst", mean_inputs, mean_inputs) / n
+        scaled = inputs * (n * p) ** -0.5
+        return torch.einsum("npgs,npgt->gst", scaled, scaled)
+    scaled = inputs.mean(dim=1) * n ** -0.5
+    return torch.einsum("ngs,ngt->gst", scaled, scaled)
 
 
 def output_factor(grads: torch.Tensor, approx: KronApprox) -> torch.Tensor:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,22 +34,24 @@ class ConvForm(LayerForm):
             raise ValueError(f"convolution {layer.name!r}: a bias without a weight is not supported")
 
     def layout(self, layer: Layer) -> MatrixLayout:
-        module = layer.module
+        module: Any = layer.module
         shape = tuple(module.weight.shape)
         groups = module.groups
         per_group_inputs = math.prod(shape[1:])
         return MatrixLayout("rows", layer.weight, layer.bias, shape, groups, shape[0] // groups,
                             per_group_inputs + int(layer.bias is not None))
 
-    def features(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def features(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         if module.padding_mode == "zeros":
             return F.pad(x, module._reversed_padding_repeated_twice)
         return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
 
     def inputs(self, layer: Layer, features: torch.Tensor) -> torch.Tensor:
-        module = layer.module
+        module: Any = layer.module
         x = features
-        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+        kernel: tuple[int, ...] = module.kernel_size
+        stride: tuple[int, ...] = module.stride
+        dilation: tuple[int, ...] = module.dilation
         if self.spatial_dims == 1:
             x = x.unsqueeze(-2)
             kernel, stride, dilation = (1, kernel[0]), (1, stride[0]), (1, dilation[0])
@@ -58,6 +62,6 @@ class ConvForm(LayerForm):
 
     def output_grads(self, layer: Layer, grads: torch.Tensor) -> torch.Tensor:
         k, n, channels = grads.shape[0], grads.shape[1], grads.shape[2]
-        groups = layer.module.groups
+        groups: int = layer.module.groups  # type: ignore[assignment]
         flat = grads.reshape(k, n, channels, -1).transpose(2, 3)  # (K, N, P, C_out)
         return flat.reshape(k, n, flat.shape[2], groups, channels // groups)

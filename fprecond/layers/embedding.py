@@ -9,6 +9,8 @@ inputs take ``N·P·V`` memory: fine for the vocabularies this code targets.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,21 +22,22 @@ from fprecond.modeling import Layer
 
 class EmbeddingForm(LayerForm):
     def validate(self, layer: Layer) -> None:
-        module = layer.module
+        module: Any = layer.module
         if module.max_norm is not None:
             raise ValueError(f"embedding {layer.name!r}: max_norm renormalises the weight in place; not supported")
         if module.scale_grad_by_freq:
             raise ValueError(f"embedding {layer.name!r}: scale_grad_by_freq changes the gradient; not supported")
 
     def layout(self, layer: Layer) -> MatrixLayout:
-        vocab, dim = layer.module.weight.shape
+        module: Any = layer.module
+        vocab, dim = module.weight.shape
         return MatrixLayout("columns", layer.weight, None, (vocab, dim), 1, dim, vocab)
 
-    def features(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def features(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def inputs(self, layer: Layer, features: torch.Tensor) -> torch.Tensor:
-        module = layer.module
+        module: Any = layer.module
         n = features.shape[0]
         one_hot = F.one_hot(features.reshape(n, -1).long(), module.num_embeddings).to(module.weight.dtype)
         if module.padding_idx is not None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,15 +37,18 @@ def elementwise_inputs(layer: Layer, normalised: torch.Tensor) -> torch.Tensor:
 
 class LayerNormForm(LayerForm):
     def layout(self, layer: Layer) -> MatrixLayout:
-        return elementwise_layout(layer, tuple(layer.module.normalized_shape))
+        module: Any = layer.module
+        return elementwise_layout(layer, tuple(module.normalized_shape))
 
-    def features(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def features(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
 
     def inputs(self, layer: Layer, features: torch.Tensor) -> torch.Tensor:
-        n, d = features.shape[0], math.prod(layer.module.normalized_shape)
+        module: Any = layer.module
+        n, d = features.shape[0], math.prod(module.normalized_shape)
         return elementwise_inputs(layer, features.reshape(n, -1, d))
 
     def output_grads(self, layer: Layer, grads: torch.Tensor) -> torch.Tensor:
-        k, n, d = grads.shape[0], grads.shape[1], math.prod(layer.module.normalized_shape)
+        module: Any = layer.module
+        k, n, d = grads.shape[0], grads.shape[1], math.prod(module.normalized_shape)
         return grads.reshape(k, n, -1, d, 1)

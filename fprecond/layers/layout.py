@@ -93,7 +93,7 @@ def to_matrix(layout: MatrixLayout, tensors: dict[str, torch.Tensor], lead: int 
         if layout.bias is not None:
             parts.append(tensors[layout.bias].reshape(*lead_shape, g, o, 1))
     elif layout.kind == "columns":
-        weight = tensors[layout.weight]
+        weight = tensors[layout.names[0]]
         parts.append(weight.transpose(-1, -2).reshape(*lead_shape, 1, o, -1))
     else:
         for name in layout.names:
@@ -113,7 +113,7 @@ def from_matrix(layout: MatrixLayout, matrix: torch.Tensor) -> dict[str, torch.T
             out[layout.bias] = matrix[..., -1].reshape(*lead_shape, *layout.bias_shape)
     elif layout.kind == "columns":
         transposed = matrix.reshape(*lead_shape, layout.outputs, layout.inputs)
-        out[layout.weight] = transposed.transpose(-1, -2)
+        out[layout.names[0]] = transposed.transpose(-1, -2)
     else:
         for column, name in enumerate(layout.names):
             out[name] = matrix[..., column].reshape(*lead_shape, *layout.weight_shape)

@@ -5,6 +5,8 @@ Positions (e.g. a sequence) share the weight: ``P = prod(positions)``, one group
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -15,7 +17,7 @@ from fprecond.modeling import Layer
 
 class LinearForm(LayerForm):
     def layout(self, layer: Layer) -> MatrixLayout:
-        module = layer.module
+        module: Any = layer.module
         shape = tuple(module.weight.shape)
         has_bias = layer.bias is not None
         if layer.weight is None:
@@ -23,7 +25,7 @@ class LinearForm(LayerForm):
         return MatrixLayout("rows", layer.weight, layer.bias, shape, 1, module.out_features,
                             module.in_features + int(has_bias))
 
-    def features(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def features(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def inputs(self, layer: Layer, features: torch.Tensor) -> torch.Tensor:
