@@ -51,10 +51,21 @@ class Curvature:
 
     def mvp(self, vector: Vector) -> Vector:
         """Curvature times ``vector`` (a ``{name: tensor}`` dict shaped like the params)."""
+        self.check_vector(vector)
         out: Vector = {}
         for block in self.blocks:
             out.update(block.mvp(vector))
         return {name: out[name] for name in self.names}
+
+    def check_vector(self, vector: Vector) -> None:
+        """Raise ``ValueError`` unless ``vector`` has the parameters' keys and shapes."""
+        if not isinstance(vector, dict) or set(vector) != set(self.names):
+            keys = sorted(vector) if isinstance(vector, dict) else type(vector).__name__
+            raise ValueError(f"curvature product: the vector must be a dict with keys {list(self.names)}, got {keys}")
+        for name, shape in zip(self.names, self.shapes):
+            if tuple(vector[name].shape) != shape:
+                raise ValueError(f"curvature product: vector[{name!r}] has shape {tuple(vector[name].shape)}, "
+                                 f"the parameter has shape {shape}")
 
     def to_dense(self) -> torch.Tensor:
         """The ``(P, P)`` matrix in ``named_parameters`` order, each tensor row-major."""

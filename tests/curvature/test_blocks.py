@@ -59,3 +59,14 @@ def test_scaling_and_moving_average(structure):
         for mixed, a, b in zip(average.blocks, first.blocks, second.blocks):
             assert_relative_close(mixed.input_factor, 0.75 * a.input_factor + 0.25 * b.input_factor, TOL)
             assert_relative_close(mixed.output_factor, 0.75 * a.output_factor + 0.25 * b.output_factor, TOL)
+
+
+def test_product_with_a_mismatched_vector_names_the_parameter():
+    md, params, batch = make_problem("mlp", ("cross_entropy", "mean"))
+    curvature = estimate(md, params, batch, kind="ggn", structure="kron")
+    wrong = dict(params)
+    wrong["0.bias"] = torch.zeros(7)
+    with pytest.raises(ValueError, match=r"vector\['0.bias'\] has shape \(7,\)"):
+        curvature.mvp(wrong)
+    with pytest.raises(ValueError, match="keys"):
+        curvature.mvp({"0.weight": params["0.weight"]})
