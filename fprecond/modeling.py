@@ -79,6 +79,9 @@ class Model:
     layers: tuple[Layer, ...]
     unsupported: tuple[str, ...]
     param_names: tuple[str, ...]
+    # Memo of static shape information derived from input shapes (e.g. layer output
+    # shapes probed by the taps); it never changes a result, only skips a probe.
+    shape_memo: dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def params(self) -> dict[str, torch.Tensor]:
         """A copy of the module's current parameters, detached, in ``named_parameters`` order."""

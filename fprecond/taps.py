@@ -23,7 +23,7 @@ from torch.func import vjp, vmap
 
 from fprecond.layers import form_of
 from fprecond.modeling import Layer, Model
-from fprecond.tree import tree_map
+from fprecond.tree import tree_leaves, tree_map
 
 __all__ = ["Taps", "layer_taps", "perturbed_forward"]
 
@@ -84,9 +84,32 @@ def _to_meta(tree: Any) -> Any:
                     tree)
 
 
+def _signature(tree: Any) -> tuple[Any, ...]:
+    return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t for t in tree_leaves(tree))
+
+
+_MEMO_SIZE = 64
+
+
 def _output_shapes(model: Model, params: Params, inputs: Any,
                    buffers: Params | None) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """Each layer's output shape and dtype, from a forward pass on ``meta`` tensors."""
+    """Each layer's output shape and dtype, from a forward pass on ``meta`` tensors.
+
+    The probe costs Python time comparable to a small model's forward pass, so its
+    result is memoised on the model description, keyed by the shapes and dtypes of
+    parameters, inputs and buffers.
+    """
+    key = ("layer_output_shapes", _signature(params), _signature(inputs), _signature(buffers))
+    memo = model.shape_memo
+    if key not in memo:
+        if len(memo) >= _MEMO_SIZE:
+            memo.pop(next(iter(memo)))
+        memo[key] = _probe_output_shapes(model, params, inputs, buffers)
+    return memo[key]
+
+
+def _probe_output_shapes(model: Model, params: Params, inputs: Any,
+                         buffers: Params | None) -> dict[str, tuple[torch.Size, torch.dtype]]:
     shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
     seen: dict[str, torch.Tensor] = {}
     meta_buffers = _to_meta(buffers if buffers is not None else model.buffers())
