@@ -14,6 +14,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--epochs", type=int, default=5)
     demo.add_argument("--batch-size", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
+    _add_bench(commands)
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -23,7 +24,61 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         losses = run_demo(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
         return 0 if losses[-1] < losses[0] else 1
+    if args.command == "bench":
+        return _run_bench(parser, args)
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    # Choices are spelled out, not imported, so that building the parser (and ``--help``)
+    # does not import torch; _run_bench checks the lists against the bench's own constants.
+    bench = commands.add_parser(
+        "bench", help="time and peak memory of one curvature estimate per kind x structure, relative to one "
+                      "forward+backward pass",
+        description="Measures one curvature estimate of each kind in each structure on an MLP and a CNN, as "
+                    "ratios to one forward+backward pass of the same model (each measurement in its own process).")
+    bench.add_argument("--models", default="mlp,cnn", help="comma-separated, from: mlp, cnn")
+    bench.add_argument("--kinds", default="empirical_fisher,fisher_mc,ggn,fisher,hessian",
+                       help="comma-separated, from: empirical_fisher, fisher_mc, ggn, fisher, hessian")
+    bench.add_argument("--structures", default="kron,diag", help="comma-separated, from: kron, unit, diag")
+    bench.add_argument("--repeats", type=int, default=None,
+                       help="timed calls per measurement (default 5; 1 with --quick)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed calls before each timing (default 2)")
+    bench.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: less noise)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--quick", action="store_true", help="tiny models and one repeat (a smoke test)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement before it is abandoned")
+    bench.add_argument("--output", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+
+
+def _comma_list(parser: argparse.ArgumentParser, option: str, text: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    unknown = [item for item in items if item not in choices]
+    if not items or unknown:
+        parser.error(f"{option}: expected a comma-separated list from {', '.join(choices)}; got {text!r}")
+    return tuple(dict.fromkeys(items))  # drop repeats, keep the order given
+
+
+def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from fprecond.bench.curvature import KINDS, MODELS, STRUCTURES, BenchConfig, all_measured, run_bench
+
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
+    if repeats < 1 or args.threads < 1 or args.timeout <= 0 or args.warmup < 0:
+        parser.error("--repeats, --threads and --timeout must be positive and --warmup not negative")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available")
+    config = BenchConfig(models=_comma_list(parser, "--models", args.models, MODELS),
+                         kinds=_comma_list(parser, "--kinds", args.kinds, KINDS),
+                         structures=_comma_list(parser, "--structures", args.structures, STRUCTURES),
+                         repeats=repeats, warmup=args.warmup, threads=args.threads, device=args.device,
+                         quick=args.quick, seed=args.seed, timeout=args.timeout, output=args.output)
+    report = run_bench(config)
+    # Every row is printed either way; a non-zero status tells scripts that some estimate failed.
+    return 0 if all_measured(report) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover
