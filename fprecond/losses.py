@@ -67,6 +67,11 @@ class Loss(abc.ABC):
         terms = self.term_losses(outputs, targets).reshape(outputs.shape[0], -1).sum(dim=1)
         return terms / self.reduction_factor(outputs[:1])
 
+    @abc.abstractmethod
+    def output_gradient(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``∂L/∂f`` in closed form (carries ``1/R``), shaped like the outputs; targets may have
+        extra leading dimensions (e.g. Monte-Carlo samples), which the result then has too."""
+
     # ---- curvature in output space ---------------------------------------------------------
     @abc.abstractmethod
     def hessian(self, outputs: torch.Tensor) -> torch.Tensor:
@@ -114,6 +119,11 @@ class CrossEntropyLoss(Loss):
     def reduction_factor(self, outputs: torch.Tensor) -> int:
         return math.prod(outputs.shape[:-1]) if self.reduction == "mean" else 1
 
+    def output_gradient(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(outputs, dim=-1)
+        one_hot = torch.nn.functional.one_hot(targets.long(), outputs.shape[-1]).to(outputs.dtype)
+        return (probs - one_hot) / self.reduction_factor(outputs)
+
     def hessian(self, outputs: torch.Tensor) -> torch.Tensor:
         p = torch.softmax(outputs, dim=-1)
         return (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)) / self.reduction_factor(outputs)
@@ -158,6 +168,9 @@ class MSELoss(Loss):
 
     def reduction_factor(self, outputs: torch.Tensor) -> int:
         return math.prod(outputs.shape) if self.reduction == "mean" else 1
+
+    def output_gradient(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (2.0 / self.reduction_factor(outputs)) * (outputs - targets)
 
     def hessian(self, outputs: torch.Tensor) -> torch.Tensor:
         eye = torch.eye(outputs.shape[-1], dtype=outputs.dtype, device=outputs.device)

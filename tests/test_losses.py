@@ -121,3 +121,17 @@ def test_targets_are_checked_against_outputs():
         fp.losses.mse()(torch.zeros(4, 3), torch.zeros(4))
     with pytest.raises(ValueError, match="reduction"):
         fp.losses.mse("average")
+
+
+@pytest.mark.parametrize("loss_key", list(LOSSES))
+def test_output_gradient_matches_autograd(loss_key):
+    loss = LOSSES[loss_key]()
+    g = torch.Generator().manual_seed(4)
+    for shape in ((4, 3), (4, 5, 3)):
+        outputs = torch.randn(*shape, generator=g)
+        targets = make_targets(loss, shape[0], shape[1:], g)
+        expected = torch.func.grad(lambda f: reference_loss(loss, f, targets))(outputs)
+        assert torch.allclose(loss.output_gradient(outputs, targets), expected, atol=1e-12)
+        # Extra leading target dimensions (samples) broadcast.
+        stacked = torch.stack([targets, targets])
+        assert torch.allclose(loss.output_gradient(outputs, stacked)[1], expected, atol=1e-12)

@@ -123,14 +123,16 @@ class _Builder:
             vectors = self.gradient_vectors(plan.names)
             return DiagonalBlock({name: v.square().sum(dim=(0, 1)) for name, v in vectors.items()}, plan.names)
         layer, layout = _owner(plan)
+        if plan.form == "kron":
+            taps = self.taps
+            a, g = form_of(layer).kronecker_factors(layer, taps.features[layer.name], taps.output_grads[layer.name],
+                                                    cast(KronApprox, self.approx))
+            return KroneckerBlock(a, g, a.new_zeros(()), layout)
         inputs, grads = self.layer_statistics(layer)
         if plan.form == "diag":
             return DiagonalBlock(from_matrix(layout, contractions.diagonal(inputs, grads)), plan.names)
-        if plan.form == "unit":
-            blocks = contractions.unit_blocks(inputs, grads)
-            return UnitBlock(blocks.reshape(layout.units, layout.inputs, layout.inputs), layout)
-        a, g = contractions.kronecker_factors(inputs, grads, cast(KronApprox, self.approx))
-        return KroneckerBlock(a, g, a.new_zeros(()), layout)
+        blocks = contractions.unit_blocks(inputs, grads)
+        return UnitBlock(blocks.reshape(layout.units, layout.inputs, layout.inputs), layout)
 
     def _hessian_block(self, plan: BlockPlan) -> CurvatureBlock:
         if plan.form == "kron":

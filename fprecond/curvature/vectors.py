@@ -25,7 +25,7 @@ import math
 from typing import Any, Callable
 
 import torch
-from torch.func import grad, vjp, vmap
+from torch.func import vjp, vmap
 
 from fprecond.losses import Loss
 from fprecond.modeling import Model
@@ -43,10 +43,6 @@ def _per_term(vectors: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ntck,tu->tknuc", vectors, eye).reshape(t * k, n, t, c)
 
 
-def _loss_gradient(loss: Loss, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return grad(lambda f: loss(f, targets))(outputs)
-
-
 def cotangents(kind: str, loss: Loss, targets: torch.Tensor, *, key: torch.Tensor | None = None,
                samples: int = 1, per: str = "example") -> Callable[[torch.Tensor], torch.Tensor]:
     """``outputs -> (K, *outputs.shape)`` for a Gauss-Newton-family ``kind`` (see module docstring)."""
@@ -59,13 +55,13 @@ def cotangents(kind: str, loss: Loss, targets: torch.Tensor, *, key: torch.Tenso
                 return root.permute(2, 0, 1)
             return _per_term(root)
         if kind == "empirical_fisher":
-            residual = math.sqrt(factor) * _loss_gradient(loss, outputs, targets)
+            residual = math.sqrt(factor) * loss.output_gradient(outputs, targets)
             if per == "term" and outputs.dim() == 3:
                 return _per_term(residual.unsqueeze(-1))
             return residual.unsqueeze(0)
         assert key is not None, "fisher_mc needs a key"
         sampled = loss.sample_targets(outputs, key, samples=samples)  # (M, *targets.shape)
-        residuals = vmap(lambda y: _loss_gradient(loss, outputs, y))(sampled)
+        residuals = loss.output_gradient(outputs, sampled)
         return math.sqrt(factor / samples) * residuals
 
     return build

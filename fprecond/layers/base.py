@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fprecond.layers import contractions
+from fprecond.layers.contractions import KronApprox
 from fprecond.layers.layout import MatrixLayout
 from fprecond.modeling import Layer
 
@@ -56,6 +58,13 @@ class LayerForm(abc.ABC):
     @abc.abstractmethod
     def output_grads(self, layer: Layer, grads: torch.Tensor) -> torch.Tensor:
         """``(K, N, *output)`` -> ``(K, N, P, G, O)``."""
+
+
+    def kronecker_factors(self, layer: Layer, features: torch.Tensor, grads: torch.Tensor,
+                          approx: KronApprox) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, G)`` of :func:`fprecond.layers.contractions.kronecker_factors`; a layer type may
+        override this with a layout that avoids copies of its (large) inputs."""
+        return contractions.kronecker_factors(self.inputs(layer, features), self.output_grads(layer, grads), approx)
 
 
 def append_homogeneous(inputs: torch.Tensor, has_bias: bool) -> torch.Tensor:

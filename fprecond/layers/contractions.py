@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 __all__ = ["per_example_matrix", "diagonal", "unit_blocks", "kronecker_factors", "input_factor", "output_factor",
-           "KronApprox"]
+           "gram_with_bias", "KronApprox"]
 
 KronApprox = Literal["expand", "reduce"]
 
@@ -61,6 +61,23 @@ def output_factor(grads: torch.Tensor, approx: KronApprox) -> torch.Tensor:
         return torch.einsum("knpgo,knpgr->gor", grads, grads)
     summed_grads = grads.sum(dim=2)
     return torch.einsum("kngo,kngr->gor", summed_grads, summed_grads)
+
+
+def gram_with_bias(columns: torch.Tensor, has_bias: bool, count: int) -> torch.Tensor:
+    """``(1/count) [x; 1][x; 1]ᵀ`` summed over the last dimension of ``columns`` ``(G, S, R)``.
+
+    The homogeneous coordinate's row and column are the row sums, so no column of
+    ones is ever concatenated onto the (large) ``R``-long data.
+    """
+    scaled = columns * count ** -0.5
+    gram = scaled @ scaled.transpose(-1, -2)
+    if not has_bias:
+        return gram
+    sums = columns.sum(dim=-1) / count  # (G, S)
+    corner = torch.ones_like(sums[:, :1])
+    top = torch.cat([gram, sums.unsqueeze(-1)], dim=-1)
+    bottom = torch.cat([sums, corner], dim=-1).unsqueeze(-2)
+    return torch.cat([top, bottom], dim=-2)
 
 
 def kronecker_factors(inputs: torch.Tensor, grads: torch.Tensor, approx: KronApprox) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fprecond.layers import contractions
 from fprecond.layers.base import LayerForm, append_homogeneous
+from fprecond.layers.contractions import KronApprox
 from fprecond.layers.layout import MatrixLayout
 from fprecond.modeling import Layer
 
@@ -46,7 +48,8 @@ class ConvForm(LayerForm):
             return F.pad(x, module._reversed_padding_repeated_twice)
         return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
 
-    def inputs(self, layer: Layer, features: torch.Tensor) -> torch.Tensor:
+    def _patches(self, layer: Layer, features: torch.Tensor) -> torch.Tensor:
+        """``(N, C_in·prod(kernel), P)`` patches of the padded input (``F.unfold`` layout)."""
         module: Any = layer.module
         x = features
         kernel: tuple[int, ...] = module.kernel_size
@@ -55,10 +58,35 @@ class ConvForm(LayerForm):
         if self.spatial_dims == 1:
             x = x.unsqueeze(-2)
             kernel, stride, dilation = (1, kernel[0]), (1, stride[0]), (1, dilation[0])
-        patches = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # (N, C·k, P)
+        return F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)
+
+    def inputs(self, layer: Layer, features: torch.Tensor) -> torch.Tensor:
+        module: Any = layer.module
+        patches = self._patches(layer, features)
         n = patches.shape[0]
         patches = patches.transpose(1, 2).reshape(n, patches.shape[2], module.groups, -1)
         return append_homogeneous(patches, layer.bias is not None)
+
+    def kronecker_factors(self, layer: Layer, features: torch.Tensor, grads: torch.Tensor,
+                          approx: KronApprox) -> tuple[torch.Tensor, torch.Tensor]:
+        # Gram matrices over (example, position) with the long dimension last and
+        # contiguous: cheaper than the (N, P, G, S) view, which copies transposed patches.
+        module: Any = layer.module
+        groups = module.groups
+        patches = self._patches(layer, features)  # (N, G·S, P)
+        n, _, positions = patches.shape
+        patches = patches.reshape(n, groups, -1, positions)
+        k = grads.shape[0]
+        out_grads = grads.reshape(k, n, groups, -1, positions)  # (K, N, G, O, P)
+        if approx == "expand":
+            columns = patches.permute(1, 2, 0, 3).reshape(groups, patches.shape[2], n * positions)
+            a = contractions.gram_with_bias(columns, layer.bias is not None, n * positions)
+            g_columns = out_grads.permute(2, 3, 0, 1, 4).reshape(groups, out_grads.shape[3], -1)
+        else:
+            columns = patches.mean(dim=-1).permute(1, 2, 0)  # (G, S, N)
+            a = contractions.gram_with_bias(columns, layer.bias is not None, n)
+            g_columns = out_grads.sum(dim=-1).permute(2, 3, 0, 1).reshape(groups, out_grads.shape[3], -1)
+        return a, g_columns @ g_columns.transpose(-1, -2)
 
     def output_grads(self, layer: Layer, grads: torch.Tensor) -> torch.Tensor:
         k, n, channels = grads.shape[0], grads.shape[1], grads.shape[2]
