@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fprecond.bench.curvature import _format_row, _row, _run_worker, plan_cell, workload
+from fprecond.bench.curvature import _format_row, _row, _run_worker, plan_cell, plan_cells, workload
 from fprecond.cli import main
 
 
@@ -49,6 +49,9 @@ def test_cell_plans_for_the_hessian_with_weight_sharing():
     assert "HVP per weight" in plan_cell(True, "hessian", "diag").skip
     assert plan_cell(False, "hessian", "diag").skip is None
     assert plan_cell(True, "empirical_fisher", "kron") == plan_cell(False, "empirical_fisher", "kron")
+    assert [c.approx for c in plan_cells(True, "fisher_mc", "kron")] == ["expand", "reduce"]
+    assert [c.approx for c in plan_cells(False, "fisher_mc", "kron")] == ["expand"]
+    assert [c.approx for c in plan_cells(True, "hessian", "kron")] == ["reduce"]
 
 
 @pytest.mark.parametrize("argv, message", [
