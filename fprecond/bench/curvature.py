@@ -120,10 +120,11 @@ class CellPlan:
 
 def plan_cell(shares_weights: bool, kind: str, structure: str) -> CellPlan:
     """Choose ``approx`` and skips. ``expand`` throughout, except the Hessian in
-    ``kron`` with weight sharing, where only ``reduce`` is defined."""
+    ``kron`` with weight sharing, where ``expand`` takes one Hessian-vector product per
+    position and output unit (tens of thousands here) and only ``reduce`` is measured."""
     if kind == "hessian" and shares_weights:
         if structure == "kron":
-            return CellPlan("reduce", note="approx=reduce (expand undefined with weight sharing)")
+            return CellPlan("reduce", note="approx=reduce (expand: one HVP per position and output unit)")
         # The exact block takes one Hessian-vector product per parameter of each conv layer,
         # vmapped: thousands of batched backward passes (minutes, gigabytes) at these sizes.
         return CellPlan("expand", skip=_HESSIAN_SHARED_DIAG)

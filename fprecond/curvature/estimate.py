@@ -7,17 +7,19 @@ backward pass in ``kron``/``unit``/``diag`` structure (plus one backward per
 extra sample, vmapped); ``ggn``/``fisher`` take one backward per output entry of
 a loss term, vmapped. ``full`` and ``layer`` form the per-example gradients
 ``(K, N, P)``. ``hessian`` in ``kron`` takes one Hessian-vector product per
-output unit of each layer, and in ``diag``/``unit`` the same for Linear layers
-without weight sharing; other layers, and ``full``/``layer``, take one
-Hessian-vector product per parameter of the block (exact, for small models).
+output unit of each layer (``reduce``, or no weight sharing) or per position
+and output unit (``expand`` with weight sharing), and in ``diag``/``unit`` one
+per output unit for Linear layers without weight sharing; other layers, and
+``full``/``layer``, take one Hessian-vector product per parameter of the block
+(exact, for small models).
 
 The Hessian in ``kron`` structure (an approximation, Botev et al. 2017): ``A`` from
 the layer inputs as for the GGN and ``G = Σ_n ∂²L/∂z_n²``, the exact Hessian
 w.r.t. the layer output ``z``, summed over examples. The layer's Hessian block
 is ``Σ_n ∂²L/∂z_n² ⊗ ã_n ã_nᵀ``, so this is exact for one example without
 weight sharing, and the K-FAC independence approximation otherwise. With
-weight sharing only ``approx="reduce"`` is defined (``G`` sums over pairs of
-positions, like the GGN's reduce factor).
+weight sharing, ``expand`` sums the position-diagonal blocks ``∂²L/∂z_np²`` and
+``reduce`` sums over pairs of positions, as the GGN's factors do.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from fprecond.curvature.blocks import (
     UnitBlock,
     split_vector,
 )
-from fprecond.curvature.hessian import hessian_block, output_hessians
+from fprecond.curvature.hessian import hessian_block, output_hessian_factors, output_hessians
 from fprecond.curvature.matrix import Curvature
 from fprecond.curvature.plan import BlockPlan, plan_blocks
 from fprecond.curvature.vectors import cotangents, example_gradient_vectors
@@ -137,16 +139,8 @@ class _Builder:
     def _hessian_block(self, plan: BlockPlan) -> CurvatureBlock:
         if plan.form == "kron":
             layer, layout = _owner(plan)
-            inputs, columns = output_hessians(self.model, self.params, self.batch, layer, self.buffers)
-            if inputs.shape[1] > 1 and self.approx == "expand":
-                raise ValueError(
-                    f"curvature: kind 'hessian' with structure 'kron' and approx 'expand' is undefined for layer "
-                    f"{layer.name!r}, which shares its weight over {inputs.shape[1]} positions; use approx='reduce'"
-                )
-            groups, outputs = layout.groups, layout.outputs
-            per_group = columns.reshape(groups, outputs, *columns.shape[1:])  # (G, O', N, P, G, O)
-            g = torch.einsum("grnpgo->gor", per_group)
-            a = contractions.input_factor(inputs, cast(KronApprox, self.approx))
+            a, g = output_hessian_factors(self.model, self.params, self.batch, layer, cast(KronApprox, self.approx),
+                                          self.buffers)
             return KroneckerBlock(a, g, g.new_zeros(()), layout)
         if plan.form in ("diag", "unit") and plan.layer is not None and not self.shared_positions(plan.layer):
             return self._hessian_unshared_linear(plan)

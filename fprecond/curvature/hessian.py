@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch.func import grad, jvp, vmap
 
-from fprecond.layers import form_of
+from fprecond.layers import contractions, form_of
+from fprecond.layers.contractions import KronApprox
 from fprecond.modeling import Layer, Model, unpack_batch
 from fprecond.taps import perturbed_forward
 from fprecond.tree import ravel
 
-__all__ = ["hessian_block", "output_hessians"]
+__all__ = ["hessian_block", "output_hessians", "output_hessian_factors"]
 
 
 def hessian_block(model: Model, params: dict[str, torch.Tensor], batch: Any, names: tuple[str, ...],
@@ -44,35 +45,78 @@ def hessian_block(model: Model, params: dict[str, torch.Tensor], batch: Any, nam
     return vmap(lambda tangent: jvp(gradient, (flat,), (tangent,))[1])(basis)
 
 
-def output_hessians(model: Model, params: dict[str, torch.Tensor], batch: Any, layer: Layer,
-                    buffers: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ã, H)`` for ``layer``: inputs ``(N, P, G, S)`` and ``H`` ``(U, N, P, G, O)``.
-
-    ``H[u, n, p, g, o]`` is ``Σ_{p'} ∂²L/∂z[n,p,(g,o)] ∂z[n,p',u]``: column ``u`` of example
-    ``n``'s output Hessian, summed over the positions ``p'`` of the unit ``u``.
-    """
+def _output_gradient(model: Model, params: dict[str, torch.Tensor], batch: Any, layer: Layer,
+                     buffers: dict[str, torch.Tensor] | None):
+    """``(gradient, zero, features)``: ``gradient(e)`` is ``∂L/∂e`` for a perturbation ``e`` of the
+    layer's output, ``zero`` the zero perturbation, ``features`` the layer's tapped input."""
     inputs, targets = unpack_batch(batch)
     fn, zeros = perturbed_forward(model, params, inputs, buffers)
     name = layer.name
-    form = form_of(layer)
 
     def loss_of(perturbation: torch.Tensor) -> torch.Tensor:
         outputs, _ = fn({**zeros, name: perturbation})
         return model.loss(outputs, targets)
 
-    gradient = grad(loss_of)
-    zero = zeros[name]
-    layout = form.layout(layer)
-    units = layout.units
+    _, features = fn(zeros)
+    return grad(loss_of), zeros[name], features[name]
+
+
+def output_hessians(model: Model, params: dict[str, torch.Tensor], batch: Any, layer: Layer,
+                    buffers: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ã, H)`` for ``layer``: inputs ``(N, P, G, S)`` and ``H`` ``(U, N, P, G, O)``.
+
+    ``H[u, n, p, g, o]`` is ``Σ_{p'} ∂²L/∂z[n,p,(g,o)] ∂z[n,p',u]``: column ``u`` of example
+    ``n``'s output Hessian, summed over the positions ``p'`` of the unit ``u`` (one
+    Hessian-vector product per output unit, vmapped).
+    """
+    gradient, zero, features = _output_gradient(model, params, batch, layer, buffers)
+    form = form_of(layer)
+    units = form.layout(layer).units
     channel_dim = 1 if layer.kind in ("conv1d", "conv2d") else zero.dim() - 1
     shape = [1] * zero.dim()
     shape[channel_dim] = units
     basis = torch.eye(units, dtype=zero.dtype, device=zero.device)
 
     def column(unit_vector: torch.Tensor) -> torch.Tensor:
-        tangent = (unit_vector.reshape(shape) * torch.ones_like(zero))
+        tangent = unit_vector.reshape(shape) * torch.ones_like(zero)
         return jvp(gradient, (zero,), (tangent,))[1]
 
     columns = vmap(column)(basis)  # (U, *z.shape)
-    _, features = fn(zeros)
-    return form.inputs(layer, features[name]), form.output_grads(layer, columns)
+    return form.inputs(layer, features), form.output_grads(layer, columns)
+
+
+def output_hessian_factors(model: Model, params: dict[str, torch.Tensor], batch: Any, layer: Layer,
+                           approx: KronApprox, buffers: dict[str, torch.Tensor] | None = None,
+                           chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kronecker factors ``(A, G)`` of the Hessian for ``layer``.
+
+    ``A`` is the inputs' factor as for the GGN. ``G`` sums the exact Hessian w.r.t. the
+    layer output ``z`` over examples: ``"reduce"`` (and any layer without weight
+    sharing) ``G = Σ_n Σ_{p,p'} ∂²L/∂z_np ∂z_np'``, from one Hessian-vector product per
+    output unit; ``"expand"`` with weight sharing ``G = Σ_{n,p} ∂²L/∂z_np²``, which takes
+    one product per (position, output unit), vmapped in chunks of ``chunk_size``.
+    """
+    form = form_of(layer)
+    layout = form.layout(layer)
+    inputs, columns = output_hessians(model, params, batch, layer, buffers)
+    a = contractions.input_factor(inputs, approx)
+    if approx == "reduce" or inputs.shape[1] == 1:
+        per_group = columns.reshape(layout.groups, layout.outputs, *columns.shape[1:])  # (G, O', N, P, G, O)
+        return a, torch.einsum("grnpgo->gor", per_group)
+
+    gradient, zero, _ = _output_gradient(model, params, batch, layer, buffers)
+    entries = zero[0].numel()  # positions x output units of one example
+
+    def column(one_hot: torch.Tensor) -> torch.Tensor:
+        tangent = one_hot.reshape(zero.shape[1:]).unsqueeze(0).expand_as(zero)
+        return jvp(gradient, (zero,), (tangent,))[1]
+
+    g = zero.new_zeros(layout.groups, layout.outputs, layout.outputs)
+    for start in range(0, entries, chunk_size):
+        indices = torch.arange(start, min(start + chunk_size, entries), device=zero.device)
+        basis = torch.nn.functional.one_hot(indices, entries).to(zero.dtype)  # (c, P·U)
+        # Which (position, group, unit) each basis vector perturbs, in the layer's own layout.
+        hits = form.output_grads(layer, basis.reshape(-1, 1, *zero.shape[1:]))[:, 0]  # (c, P, G, O)
+        block = form.output_grads(layer, vmap(column)(basis))  # (c, N, P, G, O)
+        g = g + torch.einsum("inpgo,ipgr->gor", block, hits)
+    return a, g

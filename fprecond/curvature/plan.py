@@ -80,12 +80,6 @@ def plan_blocks(model: Model, kind: str, structure: str, approx: str = "expand",
         elif structure == "unit" or layer.kind in NORM_KINDS:
             plans.append(BlockPlan("unit", names, block_shapes, layer, layout))
         else:
-            if kind == "hessian" and approx == "expand" and form.always_shared:
-                raise ValueError(
-                    f"curvature: kind 'hessian' with structure 'kron' and approx 'expand' is undefined for "
-                    f"{layer.kind} layer {layer.name!r}: its weight is shared over positions and the expand "
-                    "approximation would need one Hessian-vector product per position; use approx='reduce'"
-                )
             plans.append(BlockPlan("kron", names, block_shapes, layer, layout))
 
     for name in model.unsupported:

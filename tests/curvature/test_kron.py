@@ -17,6 +17,7 @@ from tests.helpers import (
     dense_hessian,
     make_problem,
     make_targets,
+    reference_loss,
     require_peer,
 )
 
@@ -74,13 +75,53 @@ def test_hessian_kron_reduce_of_the_output_layer_equals_the_ggn(case):
     assert (hessian.blocks[0].dense() - ggn.blocks[0].dense()).norm() > 1e-6 * ggn.blocks[0].dense().norm()
 
 
-def test_hessian_kron_expand_with_weight_sharing_is_rejected():
-    md, params, batch = make_problem("sequence", ("cross_entropy", "mean"))
-    with pytest.raises(ValueError, match="inner.*reduce"):
-        estimate(md, params, batch, kind="hessian", structure="kron", approx="expand")
-    md, params, batch = make_problem("cnn", ("cross_entropy", "mean"))
-    with pytest.raises(ValueError, match="hessian.*kron.*expand.*'0'"):
-        estimate(md, params, batch, kind="hessian", structure="kron")
+def _reference_output_hessian(md, params, batch, module: nn.Module) -> torch.Tensor:
+    """``∂²L/∂z²`` for the output ``z`` of ``module`` by plain autograd, as ``(N, P, U, N, P, U)``."""
+    inputs, targets = batch
+    shapes = []
+    handle = module.register_forward_hook(lambda m, a, out: shapes.append(out.shape))
+    md.apply(params, inputs)
+    handle.remove()
+
+    def loss_of(perturbation):
+        hook = module.register_forward_hook(lambda m, a, out: out + perturbation)
+        try:
+            return reference_loss(md.loss, md.apply(params, inputs), targets)
+        finally:
+            hook.remove()
+
+    hessian = torch.autograd.functional.hessian(loss_of, torch.zeros(shapes[0]))
+    if isinstance(module, nn.Conv2d):  # (N, C, H, W) -> (N, H·W, C)
+        n, c = shapes[0][:2]
+        hessian = hessian.reshape(n, c, -1, n, c, shapes[0][2:].numel())
+        return hessian.permute(0, 2, 1, 3, 5, 4)
+    n, d = shapes[0][0], shapes[0][-1]
+    return hessian.reshape(n, -1, d, n, shapes[0][1:-1].numel(), d)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("case", ["sequence", "cnn", "embedding"])
+def test_hessian_kron_output_factor_with_weight_sharing(case, approx):
+    """``G`` sums the exact Hessian w.r.t. the layer output over examples and positions
+    (expand: position-diagonal blocks; reduce: all pairs of positions)."""
+    md, params, batch = make_problem(case, ("cross_entropy", "mean"), n=3)
+    curvature = estimate(md, params, batch, kind="hessian", structure="kron", approx=approx)
+    checked = 0
+    for layer, block in zip(md.layers, curvature.blocks):
+        if not isinstance(block, KroneckerBlock):
+            continue
+        h = _reference_output_hessian(md, params, batch, layer.module)  # (N, P, U, N, P, U)
+        n = h.shape[0]
+        per_example = torch.stack([h[i, :, :, i] for i in range(n)])  # (N, P, U, P, U)
+        if approx == "expand":
+            expected = torch.einsum("npupv->uv", per_example)
+        else:
+            expected = torch.einsum("npuqv->uv", per_example)
+        assert_relative_close(block.output_factor[0], expected, TOL)
+        a, _ = brute_force_kron(md, params, batch, layer.name, "ggn", approx)
+        assert_relative_close(block.input_factor[0], a, TOL)
+        checked += 1
+    assert checked >= 2
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
