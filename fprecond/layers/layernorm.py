@@ -27,12 +27,9 @@ def elementwise_layout(layer: Layer, shape: tuple[int, ...]) -> MatrixLayout:
 
 def elementwise_inputs(layer: Layer, normalised: torch.Tensor) -> torch.Tensor:
     """``(N, P, D)`` normalised inputs -> ``(N, P, D, S)`` with ``S`` = (x̂ if weight) + (1 if bias)."""
-    parts = []
-    if layer.weight is not None:
-        parts.append(normalised.unsqueeze(-1))
-    if layer.bias is not None:
-        return append_homogeneous(parts[0], True) if parts else torch.ones_like(normalised).unsqueeze(-1)
-    return parts[0]
+    if layer.weight is None:  # a shift only: its input is the homogeneous coordinate alone
+        return torch.ones_like(normalised).unsqueeze(-1)
+    return append_homogeneous(normalised.unsqueeze(-1), layer.bias is not None)
 
 
 class LayerNormForm(LayerForm):

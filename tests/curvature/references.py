@@ -151,16 +151,15 @@ def brute_force_kron(md: fp.Model, params, batch, layer_name: str, kind: str, ap
             a_sum = a_sum + mean.T @ mean
             count += 1
         if kind == "ggn":
+            # One vector per column of each loss term's Hessian square root (eigen-decomposed
+            # here, independently of fprecond.losses), placed at that term's outputs.
             hessian = torch.autograd.functional.hessian(
                 lambda f: reference_term_losses(md.loss, f, targets[n:n + 1]).sum() / factor, outputs.detach())
+            hessian = hessian.reshape(outputs.numel(), outputs.numel())
+            width = outputs.shape[-1]
             vectors = []
-            term_shape = outputs.shape[1:-1]
-            for term in (list(range(math.prod(term_shape))) if term_shape else [None]):
-                block = hessian.reshape(outputs.numel(), outputs.numel())
-                width = outputs.shape[-1]
-                start = (term or 0) * width
-                local = block[start:start + width, start:start + width]
-                values, basis = torch.linalg.eigh(local)
+            for start in range(0, outputs.numel(), width):
+                values, basis = torch.linalg.eigh(hessian[start:start + width, start:start + width])
                 root = basis * values.clamp(min=0).sqrt()
                 for c in range(width):
                     vector = torch.zeros(outputs.numel())
