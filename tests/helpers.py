@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 from typing import Callable
@@ -183,5 +184,5 @@ def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, tol: flo
 def require_peer(name: str):
     """Import a test-only peer library; CI (FPRECOND_REQUIRE_PEERS=1) fails instead of skipping."""
     if os.environ.get("FPRECOND_REQUIRE_PEERS") == "1":
-        return __import__(name)
+        return importlib.import_module(name)  # the submodule itself for dotted names
     return pytest.importorskip(name)
