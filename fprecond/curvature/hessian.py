@@ -61,6 +61,22 @@ def _output_gradient(model: Model, params: dict[str, torch.Tensor], batch: Any, 
     return grad(loss_of), zeros[name], features[name]
 
 
+def _unit_columns(layer: Layer, gradient, zero: torch.Tensor) -> torch.Tensor:
+    """``(U, *z.shape)``: the output Hessian applied to each output unit's indicator,
+    shared by all examples and positions (one vmapped Hessian-vector product per unit)."""
+    units = form_of(layer).layout(layer).units
+    channel_dim = 1 if layer.kind in ("conv1d", "conv2d") else zero.dim() - 1
+    shape = [1] * zero.dim()
+    shape[channel_dim] = units
+    basis = torch.eye(units, dtype=zero.dtype, device=zero.device)
+
+    def column(unit_vector: torch.Tensor) -> torch.Tensor:
+        tangent = unit_vector.reshape(shape) * torch.ones_like(zero)
+        return jvp(gradient, (zero,), (tangent,))[1]
+
+    return vmap(column)(basis)
+
+
 def output_hessians(model: Model, params: dict[str, torch.Tensor], batch: Any, layer: Layer,
                     buffers: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ã, H)`` for ``layer``: inputs ``(N, P, G, S)`` and ``H`` ``(U, N, P, G, O)``.
@@ -71,18 +87,7 @@ def output_hessians(model: Model, params: dict[str, torch.Tensor], batch: Any, l
     """
     gradient, zero, features = _output_gradient(model, params, batch, layer, buffers)
     form = form_of(layer)
-    units = form.layout(layer).units
-    channel_dim = 1 if layer.kind in ("conv1d", "conv2d") else zero.dim() - 1
-    shape = [1] * zero.dim()
-    shape[channel_dim] = units
-    basis = torch.eye(units, dtype=zero.dtype, device=zero.device)
-
-    def column(unit_vector: torch.Tensor) -> torch.Tensor:
-        tangent = unit_vector.reshape(shape) * torch.ones_like(zero)
-        return jvp(gradient, (zero,), (tangent,))[1]
-
-    columns = vmap(column)(basis)  # (U, *z.shape)
-    return form.inputs(layer, features), form.output_grads(layer, columns)
+    return form.inputs(layer, features), form.output_grads(layer, _unit_columns(layer, gradient, zero))
 
 
 def output_hessian_factors(model: Model, params: dict[str, torch.Tensor], batch: Any, layer: Layer,
@@ -98,13 +103,14 @@ def output_hessian_factors(model: Model, params: dict[str, torch.Tensor], batch:
     """
     form = form_of(layer)
     layout = form.layout(layer)
-    inputs, columns = output_hessians(model, params, batch, layer, buffers)
+    gradient, zero, features = _output_gradient(model, params, batch, layer, buffers)
+    inputs = form.inputs(layer, features)
     a = contractions.input_factor(inputs, approx)
     if approx == "reduce" or inputs.shape[1] == 1:
+        columns = form.output_grads(layer, _unit_columns(layer, gradient, zero))  # (U, N, P, G, O)
         per_group = columns.reshape(layout.groups, layout.outputs, *columns.shape[1:])  # (G, O', N, P, G, O)
         return a, torch.einsum("grnpgo->gor", per_group)
 
-    gradient, zero, _ = _output_gradient(model, params, batch, layer, buffers)
     entries = zero[0].numel()  # positions x output units of one example
 
     def column(one_hot: torch.Tensor) -> torch.Tensor:

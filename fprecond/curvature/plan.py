@@ -26,7 +26,7 @@ from typing import Literal
 
 from fprecond._validation import check_choice
 from fprecond.layers import MatrixLayout, form_of
-from fprecond.modeling import Layer, Model
+from fprecond.modeling import SUPPORTED_LAYERS, Layer, Model
 
 __all__ = ["BlockPlan", "plan_blocks", "KINDS", "STRUCTURES", "Kind", "Structure"]
 
@@ -86,12 +86,10 @@ def plan_blocks(model: Model, kind: str, structure: str, approx: str = "expand",
         if structure in ("kron", "unit") and fallback == "error":
             raise ValueError(
                 f"curvature: kind {kind!r} with structure {structure!r} is undefined for parameter {name!r}: it is "
-                f"not in a supported layer ({', '.join(sorted(set(SUPPORTED_NAMES)))}); pass fallback='diag' to "
+                f"not in a supported layer ({', '.join(sorted(t.__name__ for t in SUPPORTED_LAYERS))}); pass fallback='diag' to "
                 "give such parameters a diagonal block"
             )
         form_name = "dense" if structure == "layer" else "diag"
         plans.append(BlockPlan(form_name, (name,), (shapes[name],)))
     return tuple(plans)
 
-
-SUPPORTED_NAMES = ("Linear", "Conv1d", "Conv2d", "Embedding", "LayerNorm", "BatchNorm1d", "BatchNorm2d")

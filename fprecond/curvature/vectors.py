@@ -31,9 +31,7 @@ from fprecond.losses import Loss
 from fprecond.modeling import Model
 from fprecond.tree import tree_map
 
-__all__ = ["cotangents", "example_gradient_vectors", "BACKPROP_KINDS"]
-
-BACKPROP_KINDS = ("ggn", "fisher", "fisher_mc", "empirical_fisher")
+__all__ = ["cotangents", "example_gradient_vectors"]
 
 
 def _per_term(vectors: torch.Tensor) -> torch.Tensor:
