@@ -193,13 +193,10 @@ class DiagonalBlock(CurvatureBlock):
         return DiagonalBlock({name: d.clamp(min=0.0).pow(exponent) for name, d in self.diagonal.items()}, self.names)
 
 
-@pytree_dataclass
-class UnitBlock(CurvatureBlock):
-    """Unit-wise blocks (ASDL): for each output unit, the full matrix over its incoming
-    weights and bias; ``blocks`` is ``(G·O, S, S)`` in the layer's layout."""
+class _LayerBlock(CurvatureBlock):
+    """A block over one supported layer's parameters, described by its ``layout``."""
 
-    blocks: torch.Tensor
-    layout: MatrixLayout = static_field()
+    layout: MatrixLayout
 
     @property
     def names(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -208,6 +205,15 @@ class UnitBlock(CurvatureBlock):
     @property
     def shapes(self) -> tuple[tuple[int, ...], ...]:
         return self.layout.shapes
+
+
+@pytree_dataclass
+class UnitBlock(_LayerBlock):
+    """Unit-wise blocks (ASDL): for each output unit, the full matrix over its incoming
+    weights and bias; ``blocks`` is ``(G·O, S, S)`` in the layer's layout."""
+
+    blocks: torch.Tensor
+    layout: MatrixLayout = static_field()
 
     def mvp(self, vector: Vector) -> Vector:
         units = to_matrix(self.layout, vector).reshape(self.layout.units, self.layout.inputs)
@@ -234,7 +240,7 @@ class UnitBlock(CurvatureBlock):
 
 
 @pytree_dataclass
-class KroneckerBlock(CurvatureBlock):
+class KroneckerBlock(_LayerBlock):
     """Kronecker-factored block: per group ``kron(G, A) + damping · I`` over the
     layer's ``(O, S)`` matrix (row-major), i.e. ``M ↦ G M A + damping · M``.
 
@@ -248,14 +254,6 @@ class KroneckerBlock(CurvatureBlock):
     output_factor: torch.Tensor
     damping: torch.Tensor
     layout: MatrixLayout = static_field()
-
-    @property
-    def names(self) -> tuple[str, ...]:  # type: ignore[override]
-        return self.layout.names
-
-    @property
-    def shapes(self) -> tuple[tuple[int, ...], ...]:
-        return self.layout.shapes
 
     def mvp(self, vector: Vector) -> Vector:
         matrix = to_matrix(self.layout, vector)
@@ -303,7 +301,7 @@ class KroneckerBlock(CurvatureBlock):
 
 
 @pytree_dataclass
-class KroneckerEigenBlock(CurvatureBlock):
+class KroneckerEigenBlock(_LayerBlock):
     """A block diagonal in a Kronecker eigenbasis (as EKFAC, George et al. 2018):
     ``M ↦ Q_G [(Q_Gᵀ M Q_A) ⊙ scaling] Q_Aᵀ`` per group.
 
@@ -315,14 +313,6 @@ class KroneckerEigenBlock(CurvatureBlock):
     output_basis: torch.Tensor
     scaling: torch.Tensor
     layout: MatrixLayout = static_field()
-
-    @property
-    def names(self) -> tuple[str, ...]:  # type: ignore[override]
-        return self.layout.names
-
-    @property
-    def shapes(self) -> tuple[tuple[int, ...], ...]:
-        return self.layout.shapes
 
     def _with_scaling(self, scaling: torch.Tensor) -> "KroneckerEigenBlock":
         return KroneckerEigenBlock(self.input_basis, self.output_basis, scaling, self.layout)
