@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fprecond as fp
-from fprecond.tree import ravel
+from fprecond.tree import ravel, tree_map
 
 # --------------------------------------------------------------------------- models
 
@@ -170,6 +170,17 @@ def dense_empirical_fisher(md: fp.Model, params, batch, per: str = "example") ->
         (gradient,) = torch.autograd.grad(share, theta)
         total += factor * torch.outer(gradient, gradient)
     return total
+
+
+def stack_trees(trees):
+    """Stack same-structured trees leaf-wise along a new leading (ensemble) dimension."""
+    return tree_map(lambda *xs: torch.stack(xs), *trees)
+
+
+def random_like(params, seed: int = 3):
+    """A standard-normal tree shaped like ``params``, fixed by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return tree_map(lambda p: torch.randn(p.shape, generator=g), params)
 
 
 def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:

@@ -10,6 +10,8 @@ import fprecond as fp
 from fprecond.tree import ravel, tree_map
 
 from tests.helpers import (
+    random_like,
+    stack_trees,
     assert_relative_close,
     dense_empirical_fisher,
     dense_ggn,
@@ -21,11 +23,6 @@ from tests.helpers import (
 )
 
 TOL = 1e-10
-
-
-def _random_like(params, seed: int = 3):
-    g = torch.Generator().manual_seed(seed)
-    return tree_map(lambda p: torch.randn(p.shape, generator=g), params)
 
 
 def _flat(tree) -> torch.Tensor:
@@ -57,7 +54,7 @@ def test_per_example_grads_match_a_loop(case_name, loss_key):
 
 def test_hvp_equals_dense_hessian(case_name, loss_key):
     md, params, batch = make_problem(case_name, loss_key)
-    vector = _random_like(params)
+    vector = random_like(params)
     expected = dense_hessian(md, params, batch) @ _flat(vector)
     assert_relative_close(_flat(fp.hvp(md, params, batch, vector)), expected, TOL)
 
@@ -65,7 +62,7 @@ def test_hvp_equals_dense_hessian(case_name, loss_key):
 @pytest.mark.parametrize("product", [fp.ggn_vp, fp.fisher_vp], ids=["ggn", "fisher"])
 def test_ggn_and_exact_fisher_products_equal_dense_ggn(case_name, loss_key, product):
     md, params, batch = make_problem(case_name, loss_key)
-    vector = _random_like(params)
+    vector = random_like(params)
     expected = dense_ggn(md, params, batch) @ _flat(vector)
     assert_relative_close(_flat(product(md, params, batch, vector)), expected, TOL)
 
@@ -73,7 +70,7 @@ def test_ggn_and_exact_fisher_products_equal_dense_ggn(case_name, loss_key, prod
 @pytest.mark.parametrize("per", ["example", "term"])
 def test_empirical_fisher_product_equals_dense(case_name, loss_key, per):
     md, params, batch = make_problem(case_name, loss_key)
-    vector = _random_like(params)
+    vector = random_like(params)
     expected = dense_empirical_fisher(md, params, batch, per=per) @ _flat(vector)
     assert_relative_close(_flat(fp.empirical_fisher_vp(md, params, batch, vector, per=per)), expected, TOL)
 
@@ -81,7 +78,7 @@ def test_empirical_fisher_product_equals_dense(case_name, loss_key, per):
 def test_output_jvp_and_vjp_equal_dense_jacobian(case_name, loss_key):
     md, params, (inputs, _) = make_problem(case_name, loss_key)
     jac = dense_jacobian(md, params, inputs)
-    vector = _random_like(params)
+    vector = random_like(params)
     outputs, jv = fp.jvp(md, params, inputs, vector)
     assert_relative_close(jv.reshape(-1), jac @ _flat(vector), TOL)
     cotangent = torch.randn(outputs.shape, generator=torch.Generator().manual_seed(5))
@@ -92,7 +89,7 @@ def test_hessian_of_sum_reduction_is_r_times_mean():
     """Scaling check independent of any helper: sum = (N·T) × mean for cross-entropy."""
     md_mean, params, batch = make_problem("sequence", ("cross_entropy", "mean"))
     md_sum, _, _ = make_problem("sequence", ("cross_entropy", "sum"))
-    vector = _random_like(params)
+    vector = random_like(params)
     terms = batch[1].numel()
     assert_relative_close(_flat(fp.ggn_vp(md_sum, params, batch, vector)),
                           terms * _flat(fp.ggn_vp(md_mean, params, batch, vector)), TOL)
@@ -110,7 +107,7 @@ def test_products_match_curvlinops(loss_name, reduction):
     torch_loss = (torch.nn.CrossEntropyLoss if loss_name == "cross_entropy" else torch.nn.MSELoss)(reduction=reduction)
     module_params = [p for p in md.module.parameters()]
     data = [(inputs, targets)]
-    vector = _random_like(params)
+    vector = random_like(params)
     flat_vector = _flat(vector)
     operators = {
         "hessian": (curvlinops.HessianLinearOperator, fp.hvp),
@@ -126,10 +123,6 @@ def test_products_match_curvlinops(loss_name, reduction):
 # --------------------------------------------------------------------------- ensembles
 
 
-def _stack(trees):
-    return tree_map(lambda *xs: torch.stack(xs), *trees)
-
-
 @pytest.mark.parametrize(
     "primitive",
     ["loss_and_grads", "per_example_grads", "hvp", "ggn_vp", "fisher_vp", "empirical_fisher_vp", "jvp", "vjp"],
@@ -137,8 +130,8 @@ def _stack(trees):
 def test_vmap_over_ensemble_equals_loop(case_name, primitive):
     members = [make_problem(case_name, ("cross_entropy", "mean"), seed=seed) for seed in range(3)]
     md, _, batch = members[0]
-    stacked = _stack([params for _, params, _ in members])
-    vectors = _stack([_random_like(params, seed=7 + i) for i, (_, params, _) in enumerate(members)])
+    stacked = stack_trees([params for _, params, _ in members])
+    vectors = stack_trees([random_like(params, seed=7 + i) for i, (_, params, _) in enumerate(members)])
     outputs_shape = md.apply(members[0][1], batch[0]).shape
     cotangents = torch.randn(3, *outputs_shape, generator=torch.Generator().manual_seed(11))
 

@@ -8,7 +8,7 @@ import torch
 from fprecond.curvature import KroneckerEigenBlock, estimate
 from fprecond.tree import ravel, tree_map
 
-from tests.helpers import assert_relative_close, make_problem
+from tests.helpers import assert_relative_close, make_problem, random_like
 
 TOL = 1e-9
 
@@ -27,8 +27,7 @@ def test_damped_powers_equal_dense_powers(case, structure):
     for exponent in (-1.0, -0.5, -0.25, 2.0):
         assert_relative_close(curvature.power(exponent).to_dense(), _dense_power(dense, exponent), TOL)
     assert_relative_close(curvature.inverse().to_dense() @ dense, torch.eye(dense.shape[0]), TOL)
-    g = torch.Generator().manual_seed(0)
-    vector = tree_map(lambda p: torch.randn(p.shape, generator=g), params)
+    vector = random_like(params, seed=0)
     flat = ravel(vector)[0]
     assert_relative_close(ravel(curvature.inverse().mvp(vector))[0], torch.linalg.solve(dense, flat), TOL)
     assert_relative_close(curvature.quadratic_form(vector), flat @ dense @ flat, TOL)

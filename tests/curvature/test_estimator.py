@@ -13,6 +13,7 @@ from fprecond.tree import tree_leaves, tree_map, tree_structure
 
 from tests.curvature.references import block_mask, layer_groups
 from tests.helpers import (
+    stack_trees,
     CASES,
     assert_relative_close,
     dense_empirical_fisher,
@@ -29,10 +30,6 @@ KIND_OPTIONS = {
     "fisher_mc": {"samples": 2},
     "empirical_fisher": {},
 }
-
-
-def _stack(trees):
-    return tree_map(lambda *xs: torch.stack(xs), *trees)
 
 
 @pytest.mark.parametrize("structure", ["full", "layer", "kron", "unit", "diag"])
@@ -62,7 +59,7 @@ def test_ensemble_vmap_equals_a_loop(case, kind):
     structures = ["full", "kron", "unit", "diag"] if kind != "hessian" else ["layer", "diag", "kron"]
     members = [make_problem(case, ("cross_entropy", "mean"), seed=s) for s in range(3)]
     md, _, batch = members[0]
-    stacked = _stack([params for _, params, _ in members])
+    stacked = stack_trees([params for _, params, _ in members])
     keys = fp.random.split(fp.random.key(7), 3)
     options = KIND_OPTIONS[kind]
     for structure in structures:
@@ -81,7 +78,7 @@ def test_estimator_update_under_vmap_equals_a_loop():
     members = [make_problem("sequence", ("mse", "mean"), seed=s) for s in range(3)]
     md, _, batch = members[0]
     est = estimator(md, kind="fisher_mc", structure="kron", decay=0.5)
-    stacked = _stack([params for _, params, _ in members])
+    stacked = stack_trees([params for _, params, _ in members])
     keys = fp.random.split(fp.random.key(1), 3)
     state = vmap(est.init)(stacked)
     step = vmap(lambda s, p, k: est.update(s, p, batch, k))

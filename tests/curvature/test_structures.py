@@ -12,10 +12,11 @@ import torch
 
 import fprecond as fp
 from fprecond.curvature import estimate
-from fprecond.tree import ravel, tree_map
+from fprecond.tree import ravel
 
 from tests.curvature.references import block_mask, dense_exact_fisher_ce, layer_groups, unit_groups
 from tests.helpers import (
+    random_like,
     assert_relative_close,
     dense_empirical_fisher,
     dense_ggn,
@@ -46,17 +47,12 @@ def _expected(structure: str, dense: torch.Tensor, md) -> torch.Tensor:
     return dense * block_mask(dense.shape[0], groups)
 
 
-def _random_vector(params, seed: int = 5):
-    g = torch.Generator().manual_seed(seed)
-    return tree_map(lambda p: torch.randn(p.shape, generator=g), params)
-
-
 @pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher", "empirical_fisher", "empirical_fisher_term"])
 def test_structures_equal_dense_blocks(case_name, loss_key, kind):
     md, params, batch = make_problem(case_name, loss_key)
     dense = _reference(kind, md, params, batch)
     name, per = (kind, "example") if kind != "empirical_fisher_term" else ("empirical_fisher", "term")
-    vector = _random_vector(params)
+    vector = random_like(params, seed=5)
     for structure in STRUCTURES:
         curvature = estimate(md, params, batch, kind=name, structure=structure, per=per)
         expected = _expected(structure, dense, md)

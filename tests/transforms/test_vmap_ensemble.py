@@ -9,6 +9,8 @@ from torch.func import vmap
 import fprecond as fp
 from fprecond.tree import tree_leaves, tree_map
 
+from tests.helpers import stack_trees
+
 MEMBERS = 3
 
 TRANSFORMS = {
@@ -43,10 +45,6 @@ def _member_grads(i, step):
     return grads
 
 
-def _stack(trees):
-    return tree_map(lambda *xs: torch.stack(xs), *trees)
-
-
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_vmap_over_ensemble_equals_loop(name):
     opt = TRANSFORMS[name]()
@@ -67,11 +65,11 @@ def test_vmap_over_ensemble_equals_loop(name):
         looped.append((params, state))
 
     # Ensemble.
-    params = _stack([_member_params(i) for i in range(MEMBERS)])
+    params = stack_trees([_member_params(i) for i in range(MEMBERS)])
     state = vmap(opt.init)(params)
     step_fn = vmap(lambda g, s, p: opt.update(g, s, p))
     for step in range(5):
-        grads = _stack([grads_for(i, step) for i in range(MEMBERS)])
+        grads = stack_trees([grads_for(i, step) for i in range(MEMBERS)])
         updates, state = step_fn(grads, state, params)
         params = vmap(fp.apply_updates)(params, updates)
 
