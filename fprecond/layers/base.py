@@ -24,7 +24,6 @@ import abc
 from typing import Any
 
 import torch
-from torch import nn
 
 from fprecond.layers import contractions
 from fprecond.layers.contractions import KronApprox

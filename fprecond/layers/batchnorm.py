@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from fprecond.layers.base import LayerForm
 from fprecond.layers.layernorm import elementwise_inputs, elementwise_layout

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fprecond.layers import contractions
 from fprecond.layers.base import LayerForm, append_homogeneous

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fprecond.layers.base import LayerForm
 from fprecond.layers.layout import MatrixLayout

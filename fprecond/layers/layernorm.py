@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fprecond.layers.base import LayerForm, append_homogeneous
 from fprecond.layers.layout import MatrixLayout

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from fprecond.layers.base import LayerForm, append_homogeneous
 from fprecond.layers.layout import MatrixLayout

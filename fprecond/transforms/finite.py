@@ -8,7 +8,7 @@ import torch
 
 from fprecond.base import GradientTransformation, OptState, Params, Updates
 from fprecond._validation import step_counter
-from fprecond.tree import tree_all_finite, tree_map, tree_where, tree_zeros_like
+from fprecond.tree import tree_all_finite, tree_where, tree_zeros_like
 
 __all__ = ["apply_if_finite", "ApplyIfFiniteState"]
 
