@@ -3,7 +3,7 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from fprecond import curvature, layers, losses, random, schedules, tree
+from fprecond import curvature, layers, losses, random, schedules, solvers, tree
 from fprecond.base import (
     EmptyState,
     GradientTransformation,
@@ -31,7 +31,23 @@ from fprecond.func import (
 )
 from fprecond.curvature import Curvature, CurvatureEstimator
 from fprecond.modeling import Layer, Model, model
-from fprecond.optimizers import adam, adamw, sgd
+from fprecond.optimizers import (
+    adam,
+    adamw,
+    diag_ng,
+    ekfac,
+    hessian_free,
+    kfac,
+    natural_gradient,
+    newton,
+    newton_cg,
+    seng,
+    sgd,
+    smw_ng,
+    unit_wise_ng,
+)
+from fprecond.precondition import PreconditionState, precondition
+from fprecond.solvers import Solver
 from fprecond.transforms import (
     ApplyIfFiniteState,
     ScaleByAdamState,
@@ -68,8 +84,22 @@ __all__ = [
     "TraceState",
     "Updates",
     "__version__",
+    "PreconditionState",
+    "Solver",
     "adam",
     "adamw",
+    "diag_ng",
+    "ekfac",
+    "hessian_free",
+    "kfac",
+    "natural_gradient",
+    "newton",
+    "newton_cg",
+    "precondition",
+    "seng",
+    "smw_ng",
+    "solvers",
+    "unit_wise_ng",
     "add_decayed_weights",
     "apply_if_finite",
     "apply_updates",

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from fprecond.layers.layout import MatrixLayout, flat_index_matrix, from_matrix, to_matrix
+from fprecond.spectral import symmetric_eigh
 from fprecond.tree import pytree_dataclass, static_field
 
 __all__ = [
@@ -64,7 +65,7 @@ def split_vector(flat: torch.Tensor, names: tuple[str, ...], shapes: tuple[tuple
 
 def _symmetric_power(matrix: torch.Tensor, exponent: float) -> torch.Tensor:
     """``matrix^exponent`` for (batched) symmetric matrices; eigenvalues clamped at zero."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    eigenvalues, eigenvectors = symmetric_eigh(matrix)
     powered = eigenvalues.clamp(min=0.0).pow(exponent)
     return (eigenvectors * powered.unsqueeze(-2)) @ eigenvectors.transpose(-1, -2)
 
@@ -291,8 +292,8 @@ class KroneckerBlock(_LayerBlock):
 
     def eigendecomposition(self) -> "KroneckerEigenBlock":
         """The same matrix held in the Kronecker eigenbasis (exact, damping included)."""
-        values_a, vectors_a = torch.linalg.eigh(self.input_factor)
-        values_g, vectors_g = torch.linalg.eigh(self.output_factor)
+        values_a, vectors_a = symmetric_eigh(self.input_factor)
+        values_g, vectors_g = symmetric_eigh(self.output_factor)
         scaling = values_g[:, :, None] * values_a[:, None, :] + self.damping
         return KroneckerEigenBlock(vectors_a, vectors_g, scaling, self.layout)
 

@@ -39,6 +39,7 @@ from fprecond.curvature.blocks import (
     split_vector,
 )
 from fprecond.curvature.hessian import hessian_block, output_hessian_factors, output_hessians
+from fprecond.curvature.lowrank import FactoredLowRankBlock, LowRankBlock
 from fprecond.curvature.matrix import Curvature
 from fprecond.curvature.plan import BlockPlan, plan_blocks
 from fprecond.curvature.vectors import cotangents, example_gradient_vectors
@@ -64,7 +65,7 @@ def _check_options(kind: str, key: torch.Tensor | None, samples: int, per: str) 
         raise ValueError(f"{owner}: samples={samples} only applies to kind 'fisher_mc', not {kind!r}")
 
 
-class _Builder:
+class BlockBuilder:
     """Computes each planned block, sharing one tap pass between the blocks."""
 
     def __init__(self, model: Model, params: Params, batch: Any, kind: str, approx: str,
@@ -75,6 +76,8 @@ class _Builder:
         if kind != "hessian":
             self.cotangents = cotangents(kind, model.loss, targets, key=key, samples=samples, per=per)
         self._taps: Taps | None = None
+        #: Low-rank blocks of layers: per-example gradients truncated to this rank (SENG).
+        self.truncate: int | None = None
         self._output_shapes: Params | None = None
 
     # ---- shared passes ------------------------------------------------------------------------
@@ -117,9 +120,10 @@ class _Builder:
     def block(self, plan: BlockPlan) -> CurvatureBlock:
         if self.kind == "hessian":
             return self._hessian_block(plan)
+        if plan.form == "lowrank":
+            return self._low_rank_block(plan)
         if plan.form == "dense":
-            vectors = self.gradient_vectors(plan.names)
-            flat = torch.cat([v.reshape(v.shape[0] * v.shape[1], -1) for v in vectors.values()], dim=1)
+            flat = _rows(self.gradient_vectors(plan.names))
             return DenseBlock(flat.T @ flat, plan.names, plan.shapes)
         if plan.layer is None:  # diagonal of a parameter outside supported layers
             vectors = self.gradient_vectors(plan.names)
@@ -135,6 +139,20 @@ class _Builder:
             return DiagonalBlock(from_matrix(layout, contractions.diagonal(inputs, grads)), plan.names)
         blocks = contractions.unit_blocks(inputs, grads)
         return UnitBlock(blocks.reshape(layout.units, layout.inputs, layout.inputs), layout)
+
+    def _low_rank_block(self, plan: BlockPlan) -> CurvatureBlock:
+        if plan.layer is None:
+            return LowRankBlock.from_vectors(_rows(self.gradient_vectors(plan.names)), plan.names, plan.shapes)
+        layer, layout = _owner(plan)
+        inputs, grads = self.layer_statistics(layer)
+        count = grads.shape[0] * grads.shape[1]
+        if self.truncate is not None or low_rank_factored(layout, inputs.shape[1]):
+            expanded = inputs.expand(grads.shape[0], *inputs.shape)
+            block = FactoredLowRankBlock.from_factors(grads.reshape(count, *grads.shape[2:]),
+                                                      expanded.reshape(count, *inputs.shape[1:]), layout)
+            return block if self.truncate is None else block.truncated(self.truncate)
+        per_example = contractions.per_example_matrix(inputs, grads)
+        return LowRankBlock.from_vectors(_rows(from_matrix(layout, per_example)), plan.names, plan.shapes)
 
     def _hessian_block(self, plan: BlockPlan) -> CurvatureBlock:
         if plan.form == "kron":
@@ -165,6 +183,17 @@ class _Builder:
         return UnitBlock(blocks, layout)
 
 
+def _rows(vectors: Params) -> torch.Tensor:
+    """``{name: (K, N, *shape)}`` -> ``(K·N, P_b)``: one row per backpropagated vector."""
+    return torch.cat([v.reshape(v.shape[0] * v.shape[1], -1) for v in vectors.values()], dim=1)
+
+
+def low_rank_factored(layout: MatrixLayout, positions: int) -> bool:
+    """Whether a layer's low-rank block keeps its vectors as ``positions`` outer products
+    per group (cheaper than the ``(O, S)`` matrices when ``P (O + S) <= O S``)."""
+    return positions * (layout.outputs + layout.inputs) <= layout.outputs * layout.inputs
+
+
 def _owner(plan: BlockPlan) -> tuple[Layer, MatrixLayout]:
     """The layer and layout of a block planned for a supported layer."""
     if plan.layer is None or plan.layout is None:
@@ -180,7 +209,7 @@ def _unit_blocks_of(matrix: torch.Tensor, layout: MatrixLayout) -> torch.Tensor:
 
 def estimate(model: Model, params: Params, batch: Any, *, kind: str, structure: str, approx: str = "expand",
              key: torch.Tensor | None = None, samples: int = 1, per: str = "example", fallback: str = "error",
-             buffers: Params | None = None) -> Curvature:
+             buffers: Params | None = None, truncate: int | None = None) -> Curvature:
     """One curvature estimate on ``batch = (inputs, targets)``.
 
     Args:
@@ -201,6 +230,9 @@ def estimate(model: Model, params: Params, batch: Any, *, kind: str, structure: 
         fallback: ``"error"`` or ``"diag"`` for parameters outside supported layers in
             ``kron``/``unit`` structure.
         buffers: optional buffer values (default: the module's).
+        truncate: ``lowrank`` only: keep each layer's per-example gradients as
+            outer-product factors truncated to this rank (SENG's sketch of layers
+            with weight sharing); exact for layers without sharing.
 
     Returns:
         A :class:`~fprecond.curvature.matrix.Curvature` scaled like the loss (a mean
@@ -209,7 +241,8 @@ def estimate(model: Model, params: Params, batch: Any, *, kind: str, structure: 
     plans = plan_blocks(model, kind, structure, approx, fallback)
     _check_options(kind, key, samples, per)
     model.check_params(params)
-    builder = _Builder(model, params, batch, kind, approx, key, samples, per, buffers)
+    builder = BlockBuilder(model, params, batch, kind, approx, key, samples, per, buffers)
+    builder.truncate = truncate
     blocks = tuple(builder.block(plan) for plan in plans)
     shapes = tuple(tuple(params[name].shape) for name in model.param_names)
     return Curvature(blocks, kind, structure, model.param_names, shapes)
@@ -223,10 +256,21 @@ class EstimatorState:
     curvature: Curvature
 
 
-def _zero_block(plan: BlockPlan, like: torch.Tensor) -> CurvatureBlock:
+def _zero_block(plan: BlockPlan, like: torch.Tensor, rank: int, positions: dict[str, int],
+                truncate: int | None = None) -> CurvatureBlock:
+    """A zero block of ``plan``'s form (``rank`` rows and layer ``positions``, possibly
+    ``truncate``-d, for low-rank blocks)."""
     def zeros(*shape: int) -> torch.Tensor:
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
+    if plan.form == "lowrank" and plan.layer is not None and plan.layout is not None and \
+            (truncate is not None or low_rank_factored(plan.layout, positions[plan.layer.name])):
+        layout = plan.layout
+        count = positions[plan.layer.name] if truncate is None else min(truncate, positions[plan.layer.name])
+        return FactoredLowRankBlock.from_factors(zeros(rank, count, layout.groups, layout.outputs),
+                                                 zeros(rank, count, layout.groups, layout.inputs), layout)
+    if plan.form == "lowrank":
+        return LowRankBlock.from_vectors(zeros(rank, plan.size), plan.names, plan.shapes)
     if plan.form == "dense":
         return DenseBlock(zeros(plan.size, plan.size), plan.names, plan.shapes)
     if plan.form == "diag":
@@ -246,6 +290,12 @@ class CurvatureEstimator:
     folds a fresh estimate in: the first update takes it as is, later ones
     ``decay · old + (1 - decay) · new`` (per factor for Kronecker blocks, as
     K-FAC). Pure and vmappable; the options are those of :func:`estimate`.
+
+    The ``lowrank`` structure keeps the last estimate's vectors (``decay`` must be
+    0: averaging vectors of different batches is not an average of matrices),
+    and its state's shapes depend on the batch: pass ``example_inputs``, one
+    batch of inputs of the size used for estimates (only its shape and dtype
+    are read).
     """
 
     model: Model
@@ -256,10 +306,25 @@ class CurvatureEstimator:
     per: str = "example"
     fallback: str = "error"
     decay: float = 0.95
+    example_inputs: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
+    truncate: int | None = None
 
     def __post_init__(self) -> None:
+        owner = "curvature estimator"
         plan_blocks(self.model, self.kind, self.structure, self.approx, self.fallback)
-        check_number("curvature estimator", "decay", self.decay, low=0.0, high=1.0, high_inclusive=False)
+        check_number(owner, "decay", self.decay, low=0.0, high=1.0, high_inclusive=False)
+        if self.structure == "lowrank":
+            if self.decay != 0.0:
+                raise ValueError(f"{owner}: structure 'lowrank' keeps the last estimate's vectors; pass decay=0.0 "
+                                 f"(got {self.decay})")
+            if self.per != "example":
+                raise ValueError(f"{owner}: structure 'lowrank' needs per='example' (one vector per example)")
+            if self.truncate is not None and (isinstance(self.truncate, bool) or not isinstance(self.truncate, int)
+                                              or self.truncate < 1):
+                raise ValueError(f"{owner}: truncate must be a positive int or None, got {self.truncate!r}")
+            if not isinstance(self.example_inputs, torch.Tensor):
+                raise ValueError(f"{owner}: structure 'lowrank' needs example_inputs, one batch of inputs of the "
+                                 "size used for estimates (its shape fixes the number of vectors)")
         dummy_key = torch.zeros(2, dtype=torch.int64) if self.kind == "fisher_mc" else None
         _check_options(self.kind, dummy_key, self.samples, self.per)
 
@@ -271,11 +336,24 @@ class CurvatureEstimator:
                  buffers: Params | None = None) -> Curvature:
         """One estimate on ``batch`` (see :func:`estimate`)."""
         return estimate(self.model, params, batch, kind=self.kind, structure=self.structure, approx=self.approx,
-                        key=key, samples=self.samples, per=self.per, fallback=self.fallback, buffers=buffers)
+                        key=key, samples=self.samples, per=self.per, fallback=self.fallback, buffers=buffers,
+                        truncate=self.truncate)
+
+    def _low_rank_sizes(self, params: Params) -> tuple[int, dict[str, int]]:
+        """Rows ``R`` and per-layer positions ``P`` of low-rank blocks, probed on ``meta`` tensors."""
+        if self.structure != "lowrank" or self.example_inputs is None:
+            return 0, {}
+        inputs = self.example_inputs.to("meta")
+        meta_params = {name: value.to("meta") for name, value in params.items()}
+        zeros = perturbed_forward(self.model, meta_params, inputs)[1]
+        positions = {layer.name: form_of(layer).output_grads(layer, zeros[layer.name].unsqueeze(0)).shape[2]
+                     for layer in self.model.layers}
+        return self.samples * inputs.shape[0], positions
 
     def init(self, params: Params) -> EstimatorState:
         like = next(iter(params.values()))
-        blocks = tuple(_zero_block(plan, like) for plan in self.plans)
+        rank, positions = self._low_rank_sizes(params)
+        blocks = tuple(_zero_block(plan, like, rank, positions, self.truncate) for plan in self.plans)
         shapes = tuple(tuple(params[name].shape) for name in self.model.param_names)
         curvature = Curvature(blocks, self.kind, self.structure, self.model.param_names, shapes)
         return EstimatorState(torch.zeros((), dtype=torch.int64, device=like.device), curvature)
@@ -289,6 +367,8 @@ class CurvatureEstimator:
 
 
 def estimator(model: Model, *, kind: str, structure: str, approx: str = "expand", samples: int = 1,
-              per: str = "example", fallback: str = "error", decay: float = 0.95) -> CurvatureEstimator:
-    """A :class:`CurvatureEstimator` (arguments as :func:`estimate`; ``decay`` of the running average)."""
-    return CurvatureEstimator(model, kind, structure, approx, samples, per, fallback, decay)
+              per: str = "example", fallback: str = "error", decay: float = 0.95,
+              example_inputs: torch.Tensor | None = None) -> CurvatureEstimator:
+    """A :class:`CurvatureEstimator` (arguments as :func:`estimate`; ``decay`` of the running
+    average; ``example_inputs`` for the ``lowrank`` structure)."""
+    return CurvatureEstimator(model, kind, structure, approx, samples, per, fallback, decay, example_inputs)

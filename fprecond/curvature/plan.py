@@ -12,6 +12,11 @@ Structures:
   form (the choice ASDL makes).
 - ``unit``: unit-wise blocks for every supported layer.
 - ``diag``: the diagonal, for every parameter.
+- ``lowrank``: per layer (and per other parameter), the backpropagated vectors
+  themselves, ``C_l = V_lᵀ V_l`` with one row per example and vector
+  (:mod:`fprecond.curvature.lowrank`); for the kinds with few vectors per example
+  (``empirical_fisher`` per example, ``fisher_mc``), so that a damped inverse is
+  solved in the ``R x R`` Gram space when ``R`` is below the layer's size.
 
 Parameters outside supported layers have no Kronecker or unit-wise form: with
 ``fallback="error"`` (default) ``kron``/``unit`` raise naming them; with
@@ -31,15 +36,16 @@ from fprecond.modeling import SUPPORTED_LAYERS, Layer, Model
 __all__ = ["BlockPlan", "plan_blocks", "KINDS", "STRUCTURES", "Kind", "Structure"]
 
 Kind = Literal["hessian", "ggn", "fisher", "fisher_mc", "empirical_fisher"]
-Structure = Literal["full", "layer", "kron", "unit", "diag"]
+Structure = Literal["full", "layer", "kron", "unit", "diag", "lowrank"]
 KINDS: tuple[str, ...] = ("hessian", "ggn", "fisher", "fisher_mc", "empirical_fisher")
-STRUCTURES: tuple[str, ...] = ("full", "layer", "kron", "unit", "diag")
+STRUCTURES: tuple[str, ...] = ("full", "layer", "kron", "unit", "diag", "lowrank")
+LOW_RANK_KINDS: tuple[str, ...] = ("empirical_fisher", "fisher_mc")
 NORM_KINDS = ("layernorm", "batchnorm")
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockPlan:
-    """One planned block: ``form`` is ``"dense"``, ``"kron"``, ``"unit"`` or ``"diag"``;
+    """One planned block: ``form`` is ``"dense"``, ``"kron"``, ``"unit"``, ``"diag"`` or ``"lowrank"``;
     ``layer`` is the supported layer it comes from (None for other parameters)."""
 
     form: str
@@ -62,6 +68,9 @@ def plan_blocks(model: Model, kind: str, structure: str, approx: str = "expand",
     check_choice(owner, "approx", approx, ("expand", "reduce"))
     check_choice(owner, "fallback", fallback, ("error", "diag"))
     shapes = {name: tuple(p.shape) for name, p in model.module.named_parameters()}
+    if structure == "lowrank" and kind not in LOW_RANK_KINDS:
+        raise ValueError(f"{owner}: structure 'lowrank' stores a few vectors per example and is defined for kinds "
+                         f"{', '.join(map(repr, LOW_RANK_KINDS))}, not {kind!r}")
 
     if structure == "full":
         return (BlockPlan("dense", model.param_names, tuple(shapes[n] for n in model.param_names)),)
@@ -75,6 +84,8 @@ def plan_blocks(model: Model, kind: str, structure: str, approx: str = "expand",
         block_shapes = tuple(shapes[n] for n in names)
         if structure == "layer":
             plans.append(BlockPlan("dense", names, block_shapes, layer, layout))
+        elif structure == "lowrank":
+            plans.append(BlockPlan("lowrank", names, block_shapes, layer, layout))
         elif structure == "diag":
             plans.append(BlockPlan("diag", names, block_shapes, layer, layout))
         elif structure == "unit" or layer.kind in NORM_KINDS:
@@ -89,7 +100,7 @@ def plan_blocks(model: Model, kind: str, structure: str, approx: str = "expand",
                 f"not in a supported layer ({', '.join(sorted(t.__name__ for t in SUPPORTED_LAYERS))}); pass fallback='diag' to "
                 "give such parameters a diagonal block"
             )
-        form_name = "dense" if structure == "layer" else "diag"
+        form_name = {"layer": "dense", "lowrank": "lowrank"}.get(structure, "diag")
         plans.append(BlockPlan(form_name, (name,), (shapes[name],)))
     return tuple(plans)
 

@@ -1,0 +1,33 @@
+"""The tail every curvature recipe shares: weight decay, momentum, learning rate,
+and a guard that skips non-finite steps."""
+
+from __future__ import annotations
+
+from fprecond._validation import check_number
+from fprecond.base import GradientTransformation, ScalarOrSchedule, named_chain
+from fprecond.transforms import add_decayed_weights, apply_if_finite, scale_by_learning_rate, trace
+
+__all__ = ["recipe"]
+
+
+def recipe(name: str, preconditioner: GradientTransformation, *, learning_rate: ScalarOrSchedule, momentum: float,
+           weight_decay: float) -> GradientTransformation:
+    """``apply_if_finite(named_chain(weight_decay, <name>, momentum, learning_rate))``.
+
+    Weight decay is added to the gradient before preconditioning (an L2 term, as
+    K-FAC implementations do), momentum acts on the preconditioned direction, and
+    a step whose gradient or update is not finite is skipped (zero update, state
+    kept, counted in ``state.skipped``). The preconditioner's state is
+    ``state.inner_state["precondition"]``.
+    """
+    check_number(name, "momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+    check_number(name, "weight_decay", weight_decay, low=0.0)
+    check_number(name, "learning_rate", learning_rate, low=0.0, low_inclusive=False, allow_schedule=True)
+    links: list[tuple[str, GradientTransformation]] = []
+    if weight_decay:
+        links.append(("weight_decay", add_decayed_weights(weight_decay)))
+    links.append(("precondition", preconditioner))
+    if momentum:
+        links.append(("momentum", trace(momentum)))
+    links.append(("learning_rate", scale_by_learning_rate(learning_rate)))
+    return apply_if_finite(named_chain(*links))

@@ -1,0 +1,172 @@
+"""The preconditioning transform: a curvature estimator and a solver with one state.
+
+``precondition(estimator, solver, ...)`` is a :class:`~fprecond.base.GradientTransformation`
+that turns the gradient ``g`` into ``P g`` with ``P = solver(C + λ I)``, the
+cached preconditioner of the running curvature ``C``. Its schedule:
+
+- step ``t`` (0-based) takes a fresh curvature estimate on ``batch`` when
+  ``t % curvature_every == 0`` and refreshes ``P`` when ``t % inverse_every == 0``;
+  during the first ``warmup`` steps both happen every step;
+- on other steps the cost is the product ``P g`` alone.
+
+The step count lives in the state as a tensor, so ``update`` stays a pure
+function of its arguments. Scheduled work is skipped through
+:func:`fprecond.lazy.lazy_where`: the result equals a ``torch.where`` between
+recomputing and keeping, and the recomputation runs only when some ensemble
+member is due, so under ``torch.func.vmap`` an ensemble gives what a loop gives
+and still skips off-steps.
+
+Numerical safety: an estimate with NaN/Inf entries (a bad batch) is rejected and
+the running curvature kept (``state.rejected`` counts them); solvers never
+return NaN/Inf for finite curvature (``state.failures`` counts failed
+factorisations that needed more damping or an eigendecomposition).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fprecond import random as random_keys
+from fprecond._validation import check_number, step_counter
+from fprecond.base import GradientTransformation, Params, ScalarOrSchedule, Updates, require_params
+from fprecond.curvature.eigenbasis import EigenbasisEstimator, EigenbasisState
+from fprecond.curvature.estimate import CurvatureEstimator, EstimatorState
+from fprecond.curvature.matrix import Curvature
+from fprecond.lazy import lazy_where
+from fprecond.schedules import evaluate
+from fprecond.solvers import Solver, solver_from
+from fprecond.tree import pytree_dataclass, tree_all_finite, tree_scale, tree_vdot, tree_where
+
+__all__ = ["precondition", "PreconditionState", "is_due"]
+
+
+@pytree_dataclass
+class PreconditionState:
+    """State of :func:`precondition` (tensor leaves only).
+
+    Attributes:
+        count: steps taken (0-dim int64).
+        estimator: the running curvature (:class:`~fprecond.curvature.EstimatorState`).
+        preconditioner: the solver's cached output for the last refresh.
+        refreshes: number of preconditioner refreshes so far (the expensive solves).
+        failures: failed factorisation attempts so far (see :mod:`fprecond.solvers`).
+        rejected: curvature estimates rejected for NaN/Inf entries.
+    """
+
+    count: torch.Tensor
+    estimator: EstimatorState | EigenbasisState
+    preconditioner: Curvature
+    refreshes: torch.Tensor
+    failures: torch.Tensor
+    rejected: torch.Tensor
+
+
+def is_due(count: torch.Tensor, every: int, warmup: int = 0) -> torch.Tensor:
+    """0-dim bool: whether step ``count`` is on a schedule of period ``every`` (steps
+    ``0, every, 2·every, ...``, and every step before ``warmup``)."""
+    return (count % every == 0) | (count < warmup)
+
+
+def _check_interval(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"precondition: {name} must be a positive int, got {value!r}")
+
+
+def precondition(estimator: CurvatureEstimator | EigenbasisEstimator, solver: Solver | str = "cholesky", *,
+                 damping: ScalarOrSchedule = 1e-3, curvature_every: int = 1, inverse_every: int = 1,
+                 warmup: int = 0, kl_clip: float | None = None,
+                 learning_rate: ScalarOrSchedule | None = None) -> GradientTransformation:
+    """Precondition gradients with ``solver(C + λ I)`` of ``estimator``'s running curvature.
+
+    Args:
+        estimator: a :class:`~fprecond.curvature.CurvatureEstimator` (kind, structure,
+            running-average ``decay``), or an
+            :class:`~fprecond.curvature.eigenbasis.EigenbasisEstimator` (EKFAC).
+        solver: a :class:`~fprecond.solvers.Solver` or a name (``"cholesky"``, ``"eigh"``,
+            ``"inverse_root"``, ``"newton_schulz"``, ``"cg"``).
+        damping: ``λ > 0``, a number or a schedule of the step count.
+        curvature_every: take a curvature estimate every this many steps.
+        inverse_every: refresh the preconditioner every this many steps.
+        warmup: steps at the start on which both happen every step.
+        kl_clip: if set, scale the update by ``min(1, sqrt(kl_clip / (lr² |gᵀ P g|)))``
+            (Ba et al. 2017), which bounds the step's KL divergence under the
+            curvature's quadratic model; needs ``learning_rate``.
+        learning_rate: the learning rate applied later in the chain (for ``kl_clip``).
+
+    ``update(grads, state, params, batch=(inputs, targets), key=..., buffers=...)``:
+    ``batch`` is required; ``key`` is required by ``fisher_mc`` estimators and is
+    folded with the step count, so one key per run suffices. Updates are scaled
+    like the loss's gradient (the curvature follows the loss's reduction).
+    """
+    owner = "precondition"
+    if not all(hasattr(estimator, name) for name in ("init", "update", "kind")):
+        raise TypeError(f"{owner}: estimator must be a CurvatureEstimator (or offer init, update and kind), "
+                        f"got {type(estimator).__name__}")
+    solver = solver_from(solver)
+    check_number(owner, "damping", damping, low=0.0, low_inclusive=False, allow_schedule=True)
+    _check_interval("curvature_every", curvature_every)
+    _check_interval("inverse_every", inverse_every)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"{owner}: warmup must be a non-negative int, got {warmup!r}")
+    if kl_clip is not None:
+        check_number(owner, "kl_clip", kl_clip, low=0.0, low_inclusive=False)
+        if learning_rate is None:
+            raise ValueError(f"{owner}: kl_clip needs the learning_rate the chain applies")
+        check_number(owner, "learning_rate", learning_rate, low=0.0, low_inclusive=False, allow_schedule=True)
+    needs_key = estimator.kind == "fisher_mc"
+
+    def damping_at(count: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return evaluate(damping, count).to(like.dtype)
+
+    def init(params: Params) -> PreconditionState:
+        count = step_counter(owner, params)
+        estimator_state = estimator.init(params)
+        like = next(iter(params.values()))
+        refreshed = solver.refresh(estimator_state.curvature, damping_at(count, like))
+        zero = torch.zeros_like(count)
+        return PreconditionState(count, estimator_state, refreshed.preconditioner, zero, zero, zero)
+
+    def update(updates: Updates, state: PreconditionState, params: Params | None = None, **extra: Any):
+        params = require_params(owner, params)
+        batch, key = extra.get("batch"), extra.get("key")
+        if batch is None:
+            raise TypeError(f"{owner}.update() needs the keyword argument 'batch' (the (inputs, targets) the "
+                            "curvature is estimated on): update(grads, state, params, batch=...)")
+        if needs_key and key is None:
+            raise TypeError(f"{owner}.update() needs the keyword argument 'key' for kind 'fisher_mc' "
+                            "(fprecond.random.key(seed); it is folded with the step count)")
+        count = state.count
+        like = next(iter(params.values()))
+
+        def estimate() -> tuple[Any, torch.Tensor]:
+            step_key = random_keys.fold_in(key, count) if key is not None and needs_key else None
+            fresh = estimator.update(state.estimator, params, batch, step_key, extra.get("buffers"))  # type: ignore[arg-type]
+            finite = tree_all_finite(fresh.curvature)
+            return tree_where(finite, fresh, state.estimator), (~finite).to(count.dtype)
+
+        curvature_due = is_due(count, curvature_every, warmup)
+        estimator_state, rejected = lazy_where(curvature_due, estimate, (state.estimator, torch.zeros_like(count)))
+
+        def refresh() -> tuple[Curvature, torch.Tensor, torch.Tensor]:
+            refreshed = solver.refresh(estimator_state.curvature, damping_at(count, like))
+            return refreshed.preconditioner, refreshed.failures.to(count.dtype), torch.ones_like(count)
+
+        inverse_due = is_due(count, inverse_every, warmup)
+        zero = torch.zeros_like(count)
+        preconditioner, failures, refreshed = lazy_where(inverse_due, refresh, (state.preconditioner, zero, zero))
+
+        directions = solver.apply(preconditioner, updates)
+        if kl_clip is not None:
+            assert learning_rate is not None
+            rate = evaluate(learning_rate, count)
+            quadratic = tree_vdot(directions, updates).abs().to(torch.float64) * rate.square()
+            factor = torch.clamp(torch.sqrt(kl_clip / quadratic.clamp(min=torch.finfo(torch.float64).tiny)), max=1.0)
+            directions = tree_scale(directions, factor.to(like.dtype))
+
+        new_state = PreconditionState(count + 1, estimator_state, preconditioner, state.refreshes + refreshed,
+                                      state.failures + failures, state.rejected + rejected)
+        return directions, new_state
+
+    return GradientTransformation(init, update)
