@@ -15,7 +15,8 @@ from fprecond.modeling import Model
 from fprecond.optimizers._recipe import recipe
 from fprecond.precondition import precondition
 from fprecond.schedules import evaluate
-from fprecond.solvers import eigh, linalg
+from fprecond.solvers import eigh
+from fprecond.solvers.cg import conjugate_gradient
 from fprecond.transforms import apply_if_finite, scale_by_learning_rate
 from fprecond.tree import pytree_dataclass, tree_add_scaled, tree_map, tree_scale, tree_vdot, tree_zeros_like
 
@@ -110,7 +111,7 @@ def hessian_free(model: Model, *, damping: float = 1.0, iterations: int = 20, to
             return tree_add_scaled(ggn(vector), vector, lam)
 
         start = tree_scale(state.previous, warm_start)
-        direction, info = linalg.conjugate_gradient(damped, updates, x0=start, iterations=iterations, tol=tol)
+        direction, info = conjugate_gradient(damped, updates, x0=start, iterations=iterations, tol=tol)
         new_damping, ratio = lam, torch.ones_like(lam)
         if adapt_damping:
             rate = evaluate(learning_rate, state.count).to(lam.dtype)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Callable
 
 from fprecond._validation import check_choice
-from fprecond.solvers import linalg
+from fprecond.solvers import cg, linalg
 from fprecond.solvers.base import PowerSolver, Refreshed, Solver, spectral_power
 from fprecond.solvers.direct import CholeskySolver, EighSolver, InverseRootSolver, NewtonSchulzSolver
 from fprecond.solvers.iterative import ConjugateGradientSolver

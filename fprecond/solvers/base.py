@@ -172,8 +172,8 @@ class PowerSolver(Solver):
             a, g = split.input_factor, split.output_factor
         else:
             root = torch.sqrt(torch.as_tensor(total, dtype=block.input_factor.dtype))
-            a = block.input_factor + root * torch.eye(a_size(block), dtype=root.dtype, device=root.device)
-            g = block.output_factor + root * torch.eye(block.layout.outputs, dtype=root.dtype, device=root.device)
+            a = block.input_factor + root * _identity(block.input_factor)
+            g = block.output_factor + root * _identity(block.output_factor)
         a_power, a_failed = self.matrix_power(a, 0.0)
         g_power, g_failed = self.matrix_power(g, 0.0)
         return KroneckerBlock(a_power, g_power, block.damping.new_zeros(()), block.layout), a_failed.sum() + g_failed.sum()
@@ -186,6 +186,5 @@ class PowerSolver(Solver):
         return block._replace(core, scale), torch.zeros((), dtype=torch.int64)
 
 
-def a_size(block: KroneckerBlock) -> int:
-    """Size ``S`` of a Kronecker block's input factor."""
-    return block.input_factor.shape[-1]
+def _identity(factor: torch.Tensor) -> torch.Tensor:
+    return torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)

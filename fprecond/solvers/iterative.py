@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from fprecond.curvature.matrix import Curvature
-from fprecond.solvers import linalg
+from fprecond.solvers.cg import conjugate_gradient
 from fprecond.solvers.base import Refreshed, Solver
 
 __all__ = ["ConjugateGradientSolver"]
@@ -36,5 +36,5 @@ class ConjugateGradientSolver(Solver):
         return Refreshed(curvature.damped(damping), torch.zeros((), dtype=torch.int64))
 
     def apply(self, preconditioner: Curvature, vector: Vector) -> Vector:
-        solution, _ = linalg.conjugate_gradient(preconditioner.mvp, vector, iterations=self.iterations, tol=self.tol)
+        solution, _ = conjugate_gradient(preconditioner.mvp, vector, iterations=self.iterations, tol=self.tol)
         return solution

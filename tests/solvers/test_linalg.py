@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch.func import vmap
 
+from fprecond.solvers.cg import CGInfo, conjugate_gradient
 from fprecond.solvers.linalg import (
-    CGInfo,
-    conjugate_gradient,
     damped_cholesky_inverse,
     damped_eigh,
     eigh_power,
