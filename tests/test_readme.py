@@ -15,3 +15,6 @@ def test_readme_python_blocks_run():
     for block in blocks:  # later blocks continue from earlier ones, as a reader would
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["stacked"]["0.weight"].shape[0] == 3
+    # The preconditioning example: three steps, one refresh (inverse_every=10).
+    assert int(namespace["opt_state"][0].refreshes) == 1
+    assert int(namespace["kfac_state"].refreshes) == 1
