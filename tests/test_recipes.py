@@ -157,9 +157,11 @@ def test_newton_solves_a_quadratic_in_one_step():
     assert ravel(after)[0].norm() < 1e-9 * ravel(grads)[0].norm()
 
 
-def test_newton_cg_converges_to_the_damped_ggn_solve():
+@pytest.mark.parametrize("diagonal_preconditioner", [False, True])
+def test_newton_cg_converges_to_the_damped_ggn_solve(diagonal_preconditioner):
     md, params, batch = make_problem("cnn", ("cross_entropy", "mean"))
-    transform = fp.newton_cg(md, damping=LAMBDA, iterations=300, tol=1e-14, adapt_damping=False)
+    transform = fp.newton_cg(md, damping=LAMBDA, iterations=300, tol=1e-14, adapt_damping=False,
+                             diagonal_preconditioner=diagonal_preconditioner)
     expected = damped_solve(dense_ggn(md, params, batch), flat_gradient(md, params, batch))
     assert_relative_close(first_direction(transform, md, params, batch), expected, 1e-8)
 

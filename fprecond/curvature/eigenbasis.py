@@ -26,6 +26,7 @@ from fprecond.curvature.blocks import CurvatureBlock, KroneckerBlock, KroneckerE
 from fprecond.curvature.estimate import BlockBuilder, CurvatureEstimator, _owner
 from fprecond.curvature.matrix import Curvature
 from fprecond.lazy import lazy_where
+from fprecond.modeling import Model
 from fprecond.tree import pytree_dataclass, tree_map
 
 __all__ = ["EigenbasisEstimator", "EigenbasisState", "eigenbasis_moments"]
@@ -70,7 +71,7 @@ class EigenbasisEstimator:
         basis_every: refresh the eigenbases every this many estimates.
     """
 
-    model: Any
+    model: Model
     kind: str = "fisher_mc"
     approx: str = "expand"
     samples: int = 1

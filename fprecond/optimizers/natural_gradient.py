@@ -11,6 +11,8 @@ refreshed every ``curvature_every`` steps and inverted every ``inverse_every``.
 
 from __future__ import annotations
 
+import torch
+
 from fprecond.base import GradientTransformation, ScalarOrSchedule
 from fprecond.curvature.estimate import CurvatureEstimator
 from fprecond.modeling import Model
@@ -26,7 +28,7 @@ def natural_gradient(model: Model, learning_rate: ScalarOrSchedule = 0.1, *, kin
                      ema_decay: float = 0.95, curvature_every: int = 1, inverse_every: int = 1, warmup: int = 0,
                      momentum: float = 0.9, weight_decay: float = 0.0, kl_clip: float | None = 1e-3,
                      approx: str = "expand", samples: int = 1, per: str = "example", fallback: str = "diag",
-                     example_inputs=None) -> GradientTransformation:
+                     example_inputs: torch.Tensor | None = None) -> GradientTransformation:
     """Natural gradient with any curvature ``kind`` in any ``structure`` (the general recipe).
 
     ``d = (C + λ I)⁻¹ g`` (block by block, see :mod:`fprecond.curvature.plan`) with
