@@ -37,7 +37,7 @@ from fprecond.curvature.matrix import Curvature
 from fprecond.lazy import lazy_where
 from fprecond.schedules import evaluate
 from fprecond.solvers import Solver, solver_from
-from fprecond.tree import pytree_dataclass, tree_all_finite, tree_scale, tree_vdot, tree_where
+from fprecond.tree import pytree_dataclass, tree_all_finite, tree_scale, tree_vdot
 
 __all__ = ["precondition", "PreconditionState", "is_due"]
 
@@ -143,8 +143,8 @@ def precondition(estimator: CurvatureEstimator | EigenbasisEstimator, solver: So
         def estimate() -> tuple[Any, torch.Tensor]:
             step_key = random_keys.fold_in(key, count) if key is not None and needs_key else None
             fresh = estimator.update(state.estimator, params, batch, step_key, extra.get("buffers"))  # type: ignore[arg-type]
-            finite = tree_all_finite(fresh.curvature)
-            return tree_where(finite, fresh, state.estimator), (~finite).to(count.dtype)
+            bad = ~tree_all_finite(fresh.curvature)
+            return lazy_where(bad, lambda: state.estimator, fresh), bad.to(count.dtype)
 
         curvature_due = is_due(count, curvature_every, warmup)
         estimator_state, rejected = lazy_where(curvature_due, estimate, (state.estimator, torch.zeros_like(count)))

@@ -139,11 +139,12 @@ def _cholesky_attempt(matrix: torch.Tensor, damping: torch.Tensor) -> tuple[torc
     factor, info = torch.linalg.cholesky_ex(_add_damping(matrix, damping))
     failed = info != 0
     # A failed factor is partial: replace it so no garbage (or NaN gradient) flows on.
-    factor = torch.where(failed[..., None, None], _eye(matrix), factor)
+    # (lazy_where: no copy of the factor when every member succeeded, the usual case.)
+    factor = lazy_where(failed[..., None, None], lambda: _eye(matrix).expand_as(matrix), factor)
     inverse = torch.cholesky_inverse(factor)
     # In float32 a tiny pivot can overflow the inverse: count that as a failure too.
     failed = failed | ~torch.isfinite(inverse).all(-1).all(-1)
-    return torch.where(failed[..., None, None], _eye(matrix), inverse), failed
+    return lazy_where(failed[..., None, None], lambda: _eye(matrix).expand_as(matrix), inverse), failed
 
 
 def damped_cholesky_inverse(matrix: torch.Tensor, damping: Damping, *, retries: int = 3,

@@ -8,7 +8,8 @@ import torch
 
 from fprecond.base import GradientTransformation, OptState, Params, Updates
 from fprecond._validation import step_counter
-from fprecond.tree import tree_all_finite, tree_where, tree_zeros_like
+from fprecond.lazy import lazy_where
+from fprecond.tree import tree_all_finite, tree_zeros_like
 
 __all__ = ["apply_if_finite", "ApplyIfFiniteState"]
 
@@ -35,8 +36,9 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
 
     On a non-finite step the returned update is zero (so ``apply_updates`` leaves
     the parameters as they are), ``inner``'s state is kept as it was, and the skip
-    counters grow. The choice is made with ``torch.where``, so under ``vmap`` one
-    ensemble member's NaN does not skip the others' steps.
+    counters grow. The choice is made with ``torch.where`` (through
+    :func:`fprecond.lazy.lazy_where`, which skips it when every step is finite), so
+    under ``vmap`` one ensemble member's NaN does not skip the others' steps.
     """
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"apply_if_finite: inner must be a GradientTransformation, got {type(inner).__name__}")
@@ -53,8 +55,11 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
     def update(updates: Updates, state: ApplyIfFiniteState, params: Params | None = None, **extra: Any):
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
         finite = tree_all_finite(updates) & tree_all_finite(new_updates)
-        out = tree_where(finite, new_updates, tree_zeros_like(new_updates))
-        kept_inner = tree_where(finite, new_inner, state.inner_state)
+        # lazy_where: the selection (a copy of the whole inner state) only runs when some
+        # member's step is not finite; the result is the same either way.
+        skip = ~finite
+        out = lazy_where(skip, lambda: tree_zeros_like(new_updates), new_updates)
+        kept_inner = lazy_where(skip, lambda: state.inner_state, new_inner)
         skipped_now = (~finite).to(state.skipped.dtype)
         new_state = ApplyIfFiniteState(
             skipped=state.skipped + skipped_now,
