@@ -1,5 +1,5 @@
 """Curvature: kinds (Hessian, GGN, Fisher exact and Monte-Carlo, empirical Fisher)
-in structures (full, layer, kron, unit, diag) as immutable factor pytrees."""
+in structures (full, layer, kron, unit, diag, lowrank) as immutable factor pytrees."""
 
 from fprecond.curvature.blocks import (
     CurvatureBlock,
@@ -9,7 +9,9 @@ from fprecond.curvature.blocks import (
     KroneckerEigenBlock,
     UnitBlock,
 )
+from fprecond.curvature.eigenbasis import EigenbasisEstimator, EigenbasisState
 from fprecond.curvature.estimate import CurvatureEstimator, EstimatorState, estimate, estimator
+from fprecond.curvature.lowrank import FactoredLowRankBlock, LowRankBlock
 from fprecond.curvature.matrix import Curvature
 from fprecond.curvature.plan import KINDS, STRUCTURES, Kind, Structure
 
@@ -21,10 +23,14 @@ __all__ = [
     "CurvatureEstimator",
     "DenseBlock",
     "DiagonalBlock",
+    "EigenbasisEstimator",
+    "EigenbasisState",
     "EstimatorState",
+    "FactoredLowRankBlock",
     "Kind",
     "KroneckerBlock",
     "KroneckerEigenBlock",
+    "LowRankBlock",
     "Structure",
     "UnitBlock",
     "estimate",
