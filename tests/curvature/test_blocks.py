@@ -8,7 +8,8 @@ import torch
 from fprecond.curvature import KroneckerEigenBlock, estimate
 from fprecond.tree import ravel, tree_map
 
-from tests.helpers import assert_relative_close, make_problem, random_like
+from tests.curvature.references import block_mask, layer_groups
+from tests.helpers import assert_relative_close, dense_empirical_fisher, make_problem, random_like
 
 TOL = 1e-9
 
@@ -69,3 +70,25 @@ def test_product_with_a_mismatched_vector_names_the_parameter():
         curvature.mvp(wrong)
     with pytest.raises(ValueError, match="keys"):
         curvature.mvp({"0.weight": params["0.weight"]})
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn", "sequence", "embedding"])
+def test_low_rank_blocks_against_the_dense_empirical_fisher(case):
+    """Both low-rank representations (factored outer products, dense rows): the matrix,
+    products, trace, scaling and powers computed in the Gram space."""
+    md, params, batch = make_problem(case, ("cross_entropy", "mean"))
+    curvature = estimate(md, params, batch, kind="empirical_fisher", structure="lowrank", fallback="diag")
+    size = sum(p.numel() for p in params.values())
+    dense = dense_empirical_fisher(md, params, batch) * block_mask(size, layer_groups(md))
+    assert_relative_close(curvature.to_dense(), dense, TOL)
+    vector = random_like(params, seed=0)
+    flat = ravel(vector)[0]
+    assert_relative_close(ravel(curvature.mvp(vector))[0], dense @ flat, TOL)
+    assert_relative_close(curvature.trace(), torch.trace(dense), TOL)
+    assert_relative_close(curvature.scaled(2.5).to_dense(), 2.5 * dense, TOL)
+    damped = curvature.damped(0.1)
+    for exponent in (-1.0, -0.5, 2.0):
+        assert_relative_close(damped.power(exponent).to_dense(), _dense_power(dense + 0.1 * torch.eye(size), exponent),
+                              TOL)
+    kinds = {type(block).__name__ for block in curvature.blocks}
+    assert kinds <= {"LowRankBlock", "FactoredLowRankBlock"}
