@@ -39,7 +39,7 @@ from fprecond.curvature.blocks import (
     split_vector,
 )
 from fprecond.curvature.hessian import hessian_block, output_hessian_factors, output_hessians
-from fprecond.curvature.lowrank import FactoredLowRankBlock, LowRankBlock
+from fprecond.curvature.lowrank import FactoredLowRankBlock, LowRankBlock, truncated_terms
 from fprecond.curvature.matrix import Curvature
 from fprecond.curvature.plan import BlockPlan, plan_blocks
 from fprecond.curvature.vectors import cotangents, example_gradient_vectors
@@ -266,7 +266,7 @@ def _zero_block(plan: BlockPlan, like: torch.Tensor, rank: int, positions: dict[
     if plan.form == "lowrank" and plan.layer is not None and plan.layout is not None and \
             (truncate is not None or low_rank_factored(plan.layout, positions[plan.layer.name])):
         layout = plan.layout
-        count = positions[plan.layer.name] if truncate is None else min(truncate, positions[plan.layer.name])
+        count = truncated_terms(positions[plan.layer.name], layout, truncate)
         return FactoredLowRankBlock.from_factors(zeros(rank, count, layout.groups, layout.outputs),
                                                  zeros(rank, count, layout.groups, layout.inputs), layout)
     if plan.form == "lowrank":

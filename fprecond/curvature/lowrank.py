@@ -30,13 +30,22 @@ from fprecond.layers.layout import MatrixLayout, from_matrix, to_matrix
 from fprecond.spectral import symmetric_eigh
 from fprecond.tree import pytree_dataclass, static_field
 
-__all__ = ["LowRankBlock", "FactoredLowRankBlock", "low_rank_power", "singular_floor"]
+__all__ = ["LowRankBlock", "FactoredLowRankBlock", "low_rank_power", "singular_floor", "truncated_terms"]
 
 Vector = dict[str, torch.Tensor]
 
 
 def _identity_core(rows: int, like: torch.Tensor) -> torch.Tensor:
     return torch.eye(rows, dtype=like.dtype, device=like.device)
+
+
+def truncated_terms(positions: int, layout: MatrixLayout, rank: int | None) -> int:
+    """Outer products per vector after truncation to ``rank``: ``Q`` when ``Q`` is no more
+    than ``min(rank, O, S)`` (nothing to gain), else ``min(rank, O, S)``."""
+    if rank is None:
+        return positions
+    useful = min(rank, layout.outputs, layout.inputs)
+    return positions if positions <= useful else useful
 
 
 def singular_floor(values: torch.Tensor, size: int) -> torch.Tensor:
@@ -210,9 +219,12 @@ class FactoredLowRankBlock(_LayerBlock, _LowRankBase):
     def truncated(self, rank: int) -> "FactoredLowRankBlock":
         """Each vector's ``(O, S)`` matrix per group replaced by its best rank-``rank``
         approximation (truncated SVD), as SENG compresses per-example gradients of
-        layers with weight sharing. Exact when ``rank >= Q``."""
-        if rank >= self.outputs.shape[1]:
+        layers with weight sharing; :func:`truncated_terms` outer products remain.
+        Exact when ``rank >= min(Q, O, S)``."""
+        kept = truncated_terms(self.outputs.shape[1], self.layout, rank)
+        if kept == self.outputs.shape[1]:
             return self
+        rank = kept
         matrices = torch.einsum("rqgo,rqgs->rgos", self.outputs, self.inputs)
         left, singular, right_t = torch.linalg.svd(matrices, full_matrices=False)
         root = singular[..., :rank].sqrt()

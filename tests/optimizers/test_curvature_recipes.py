@@ -271,3 +271,15 @@ def test_recipe_trains_digits_below_sgd(name, sgd_loss):
     """Default settings, same initialisation, batches and step count as SGD (lr 0.1, momentum 0.9)."""
     loss = train_digits(TRAINING[name])
     assert loss < sgd_loss, f"{name}: {loss:.4f} vs SGD {sgd_loss:.4f}"
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3, 16])
+def test_seng_state_keeps_its_shapes_for_any_rank(rank):
+    """The truncation keeps at most min(rank, O, S) terms (the CNN's conv has O = 3)."""
+    md, params, batch = make_problem("cnn", ("cross_entropy", "mean"))
+    transform = fp.seng(md, example_inputs=batch[0], rank=rank, subsample=3)
+    state = transform.init(params)
+    _, grads = fp.loss_and_grads(md, params, batch)
+    _, after = transform.update(grads, state, params, batch=batch)
+    assert [x.shape for x in tree_leaves(state)] == [x.shape for x in tree_leaves(after)]
+    assert int(after.skipped) == 0
