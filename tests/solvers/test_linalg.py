@@ -473,3 +473,13 @@ def test_vmap_and_nested_vmap_equal_loop(name):  # CG on singular input amplifie
     torch.testing.assert_close(vmap(fn)(batch), loop, rtol=1e-10, atol=1e-10 * loop.abs().max().item())
     nested = vmap(vmap(fn))(torch.stack([batch[:2], batch[2:4]]))
     torch.testing.assert_close(nested.flatten(0, 1), loop[:4], rtol=1e-10, atol=1e-10 * loop.abs().max().item())
+
+
+def test_cholesky_inverse_overflow_in_float32_is_a_failure():
+    """A tiny positive pivot factorises but its inverse overflows float32: detected from the
+    diagonal (an SPD inverse's largest entries), then the eigh fallback keeps it finite."""
+    matrix = torch.diag(torch.tensor([1.0, 1e-40], dtype=torch.float32))
+    inverse, failures = damped_cholesky_inverse(matrix, 0.0)
+    assert int(failures) > 0
+    assert torch.isfinite(inverse).all()
+    assert inverse[0, 0] == pytest.approx(1.0)
