@@ -89,3 +89,14 @@ def test_pytree_dataclass_under_vmap_and_grad():
     gradient = grad(lambda p: (p.first ** 2).sum() + p.second["a"].sum())(_Pair(torch.ones(2), {"a": torch.ones(3)}))
     assert isinstance(gradient, _Pair)
     assert torch.equal(gradient.first, 2 * torch.ones(2)) and torch.equal(gradient.second["a"], torch.ones(3))
+
+
+def test_all_finite_is_exact_when_the_quick_sum_overflows():
+    """Large finite entries whose sum overflows are finite; ±Inf pairs whose sum is NaN are not;
+    under vmap each member gets its own answer."""
+    big = torch.full((4,), 3e38, dtype=torch.float32)
+    assert T.tree_all_finite({"x": big})
+    assert not T.tree_all_finite({"x": torch.tensor([float("inf"), -float("inf")])})
+    members = torch.stack([big, torch.ones(4), torch.tensor([0.0, float("nan"), 0.0, 0.0])])
+    flags = torch.func.vmap(lambda x: T.tree_all_finite({"x": x}))(members)
+    assert flags.tolist() == [True, True, False]
