@@ -10,6 +10,7 @@ import torch
 from fprecond._validation import check_choice
 from fprecond.curvature.blocks import CurvatureBlock
 from fprecond.curvature.lowrank import _LowRankBase, singular_floor
+from fprecond.lazy import lazy_where
 from fprecond.solvers import linalg
 from fprecond.solvers.base import PowerSolver
 
@@ -28,7 +29,8 @@ class CholeskySolver(PowerSolver):
     ``retries`` times, then falls back to an eigendecomposition with clamped
     eigenvalues; the retries are computed only when some matrix failed. Low-rank
     blocks are solved in their ``R x R`` Gram space with the Sherman-Morrison-
-    Woodbury identity ``(s I + Vᵀ K V)⁻¹ = (1/s) [I - Vᵀ K^½ (s I + K^½ V Vᵀ K^½)⁻¹ K^½ V]``.
+    Woodbury identity ``(s I + Vᵀ K V)⁻¹ = (1/s) [I - Vᵀ R (s I + Rᵀ V Vᵀ R)⁻¹ Rᵀ V]`` with
+    ``R Rᵀ = K``.
     """
 
     retries: int = 3
@@ -42,13 +44,16 @@ class CholeskySolver(PowerSolver):
     def _low_rank(self, block: _LowRankBase, damping: torch.Tensor | float) -> tuple[CurvatureBlock, torch.Tensor]:
         if block.rank >= block.size or self.eigenvalues == "abs":
             return super()._low_rank(block, damping)
-        root = linalg.eigh_power(block.core, 0.5)
-        inner = root @ block.gram() @ root
+        # Any R with R Rᵀ = K will do: Cholesky (cheap; K = I for estimates), or the
+        # symmetric square root where K is only semi-definite.
+        factor, info = torch.linalg.cholesky_ex(block.core)
+        root = lazy_where((info != 0)[..., None, None], lambda: linalg.eigh_power(block.core, 0.5), factor)
+        inner = root.transpose(-1, -2) @ block.gram() @ root
         # A zero scale (no damping) has no inverse: floor it, as eigenvalues are floored elsewhere.
         scale = torch.maximum(block.scale + damping, singular_floor(torch.diagonal(inner, dim1=-2, dim2=-1),
                                                                     block.rank))
         inverse, failed = linalg.damped_cholesky_inverse(inner, scale, retries=self.retries, growth=self.growth)
-        core = -(root @ inverse @ root) / scale
+        core = -(root @ inverse @ root.transpose(-1, -2)) / scale
         return block._replace(core, 1.0 / scale), failed
 
 

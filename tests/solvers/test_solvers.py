@@ -154,3 +154,14 @@ def test_solver_names_and_bad_options():
         solvers.inverse_root(0)
     with pytest.raises(ValueError, match="iterations"):
         solvers.conjugate_gradient(iterations=0)
+
+
+@pytest.mark.parametrize("factor", [2.5, 0.0])
+def test_woodbury_with_a_scaled_core(factor):
+    """``K = c I`` (Cholesky root) and ``K = 0`` (semi-definite: the symmetric root)."""
+    curvature, params = curvature_of("lowrank", "mlp")
+    scaled = curvature.scaled(factor)
+    vector = random_like(params)
+    result = ravel(solvers.cholesky().apply(solvers.cholesky().refresh(scaled, DAMPING).preconditioner, vector))[0]
+    dense = scaled.to_dense()
+    assert_relative_close(result, torch.linalg.solve(dense + DAMPING * torch.eye(len(dense)), ravel(vector)[0]), 1e-10)
