@@ -35,7 +35,7 @@ import time
 from typing import Any, Callable
 
 from fprecond.bench.runner import (Column, RunConfig, Table, all_measured, error_fields, mib, prepare_worker, ratio,
-                                   run_settings, run_worker, time_and_peak, worker_main, write_report)
+                                   run_settings, run_worker, time_and_peak, worker_main, finish_report)
 from fprecond.bench.workloads import MODELS, workload
 
 __all__ = ["BenchConfig", "MODELS", "KINDS", "STRUCTURES", "run_bench", "measure", "plan_cells", "workload",
@@ -202,10 +202,7 @@ def run_bench(config: BenchConfig, out: Callable[[str], None] = print) -> dict[s
                     rows.append(row)
                     out(_format_row(row))
         report["rows"].extend(rows)
-    report["wall_s"] = time.perf_counter() - start
-    out(f"\ntotal wall time {report['wall_s']:.1f} s")
-    if config.output is not None:
-        write_report(config.output, report)
+    finish_report(report, start, config.output, out)
     return report
 
 

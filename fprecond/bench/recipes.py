@@ -47,7 +47,7 @@ import torch
 import fprecond as fp
 from fprecond.base import GradientTransformation
 from fprecond.bench.runner import (Column, RunConfig, Table, error_fields, mib, prepare_worker, ratio, run_settings,
-                                   run_worker, time_and_peak, worker_main, write_report)
+                                   run_worker, time_and_peak, worker_main, finish_report)
 from fprecond.bench.workloads import largest_layer_size, workload
 from fprecond.modeling import Model
 from fprecond.tree import tree_leaves
@@ -350,13 +350,10 @@ def run_recipe_bench(config: RecipeBenchConfig, out: Callable[[str], None] = pri
                 report["rows"].append(row)
                 out(_format_row(row))
     report["targets"] = target_checks(report["rows"])
-    report["wall_s"] = time.perf_counter() - start
     out("\ntargets (step time / SGD step time):")
     for check in report["targets"]:
         out(_format_check(check))
-    out(f"\ntotal wall time {report['wall_s']:.1f} s")
-    if config.output is not None:
-        write_report(config.output, report)
+    finish_report(report, start, config.output, out)
     return report
 
 

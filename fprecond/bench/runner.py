@@ -29,7 +29,7 @@ from fprecond.bench.workloads import MODELS
 
 __all__ = ["RunConfig", "Column", "Table", "pin_cpus", "prepare_worker", "time_calls", "time_and_peak",
            "worker_main", "run_worker", "run_settings", "error_fields", "ratio", "mib", "all_measured",
-           "write_report"]
+           "write_report", "finish_report"]
 
 _RESULT_PREFIX = "BENCH-RESULT "
 _MIB = 1024.0 * 1024.0
@@ -235,6 +235,14 @@ def all_measured(report: dict[str, Any]) -> bool:
 def write_report(path: str, report: dict[str, Any]) -> None:
     """Write ``report`` as JSON (no NaN or infinities: they are ``None`` in rows)."""
     Path(path).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def finish_report(report: dict[str, Any], start: float, output: str | None, out: Callable[[str], None]) -> None:
+    """Record and print the wall time since ``start``, and write ``report`` to ``output`` if given."""
+    report["wall_s"] = time.perf_counter() - start
+    out(f"\ntotal wall time {report['wall_s']:.1f} s")
+    if output is not None:
+        write_report(output, report)
 
 
 # ---- the table ---------------------------------------------------------------------------------
