@@ -283,3 +283,18 @@ def test_seng_state_keeps_its_shapes_for_any_rank(rank):
     _, after = transform.update(grads, state, params, batch=batch)
     assert [x.shape for x in tree_leaves(state)] == [x.shape for x in tree_leaves(after)]
     assert int(after.skipped) == 0
+
+
+@pytest.mark.parametrize("recipe,groups_of", [(fp.unit_wise_ng, unit_groups),
+                                              (fp.diag_ng, lambda md: None)])
+@pytest.mark.parametrize("case", ["mlp", "cnn", "embedding"])
+def test_unit_wise_and_diagonal_recipes(recipe, groups_of, case):
+    """The recipes themselves (not only natural_gradient): damped solves with the unit-wise
+    blocks or the diagonal of the empirical Fisher."""
+    md, params, batch = make_problem(case, ("cross_entropy", "mean"))
+    transform = recipe(md, kind="empirical_fisher", damping=LAMBDA, **PLAIN)
+    fisher = dense_empirical_fisher(md, params, batch)
+    groups = groups_of(md)
+    fisher = torch.diag(torch.diagonal(fisher)) if groups is None else fisher * block_mask(len(fisher), groups)
+    expected = damped_solve(fisher, flat_gradient(md, params, batch))
+    assert_relative_close(first_direction(transform, md, params, batch), expected, TOL)
