@@ -27,10 +27,10 @@ import torch
 
 from fprecond.curvature.blocks import CurvatureBlock, _LayerBlock, flatten_vector, split_vector
 from fprecond.layers.layout import MatrixLayout, from_matrix, to_matrix
-from fprecond.spectral import symmetric_eigh
+from fprecond.spectral import damped_power, symmetric_eigh
 from fprecond.tree import pytree_dataclass, static_field
 
-__all__ = ["LowRankBlock", "FactoredLowRankBlock", "low_rank_power", "singular_floor", "truncated_terms"]
+__all__ = ["LowRankBlock", "FactoredLowRankBlock", "low_rank_power", "truncated_terms"]
 
 Vector = dict[str, torch.Tensor]
 
@@ -46,13 +46,6 @@ def truncated_terms(positions: int, layout: MatrixLayout, rank: int | None) -> i
         return positions
     useful = min(rank, layout.outputs, layout.inputs)
     return positions if positions <= useful else useful
-
-
-def singular_floor(values: torch.Tensor, size: int) -> torch.Tensor:
-    """The smallest eigenvalue a negative power may see: ``eps · size · max|values|``,
-    at least ``√tiny`` (so a zero ``scale`` with zero damping stays finite)."""
-    top = values.abs().amax(dim=-1) if values.numel() else values.new_zeros(())
-    return torch.clamp(top * size * torch.finfo(values.dtype).eps, min=torch.finfo(values.dtype).tiny ** 0.5)
 
 
 def low_rank_power(gram: torch.Tensor, core: torch.Tensor, scale: torch.Tensor, exponent: float,
@@ -74,14 +67,11 @@ def low_rank_power(gram: torch.Tensor, core: torch.Tensor, scale: torch.Tensor, 
     inner = root.unsqueeze(-1) * (basis.transpose(-1, -2) @ core @ basis) * root.unsqueeze(-2)
     sigma, rotation = symmetric_eigh(inner)
 
-    lowest = singular_floor(values, gram.shape[-1]) if exponent < 0 else None
-
-    def spectral(x: torch.Tensor) -> torch.Tensor:
-        x = x.abs() if eigenvalues == "abs" else x.clamp(min=0.0)
-        return (x if lowest is None else torch.maximum(x, lowest)).pow(exponent)
-
-    new_scale = spectral(scale)
-    middle = spectral(scale + sigma) - new_scale
+    # The matrix's largest eigenvalue is at most scale + max Σ: one floor for both parts.
+    top = scale.abs() + sigma.abs().amax(dim=-1)
+    size = gram.shape[-1]
+    new_scale = damped_power(scale, 0.0, exponent, eigenvalues, scale=top, size=size)
+    middle = damped_power(scale + sigma, 0.0, exponent, eigenvalues, scale=top.unsqueeze(-1), size=size) - new_scale
     mapped = basis * inverse_root.unsqueeze(-2) @ rotation  # W Λ^{-1/2} Z
     new_core = (mapped * middle.unsqueeze(-2)) @ mapped.transpose(-1, -2)
     return new_core, new_scale

@@ -8,7 +8,7 @@ from typing import Callable
 
 from fprecond._validation import check_choice
 from fprecond.solvers import cg, linalg
-from fprecond.solvers.base import PowerSolver, Refreshed, Solver, spectral_power
+from fprecond.solvers.base import PowerSolver, Refreshed, Solver
 from fprecond.solvers.direct import CholeskySolver, EighSolver, InverseRootSolver, NewtonSchulzSolver
 from fprecond.solvers.iterative import ConjugateGradientSolver
 
@@ -28,7 +28,6 @@ __all__ = [
     "newton_schulz",
     "conjugate_gradient",
     "solver_from",
-    "spectral_power",
     "linalg",
 ]
 

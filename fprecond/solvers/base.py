@@ -49,8 +49,9 @@ from fprecond.curvature.blocks import (
 )
 from fprecond.curvature.lowrank import _LowRankBase, low_rank_power
 from fprecond.curvature.matrix import Curvature
+from fprecond.spectral import damped_power
 
-__all__ = ["Solver", "Refreshed", "PowerSolver", "spectral_power"]
+__all__ = ["Solver", "Refreshed", "PowerSolver"]
 
 Vector = dict[str, torch.Tensor]
 
@@ -61,23 +62,6 @@ class Refreshed(NamedTuple):
 
     preconditioner: Curvature
     failures: torch.Tensor
-
-
-def spectral_power(values: torch.Tensor, damping: torch.Tensor | float, exponent: float,
-                   eigenvalues: str = "clamp") -> torch.Tensor:
-    """``(f(values) + damping)^exponent`` with ``f`` a clamp at zero or ``abs``.
-
-    For negative exponents the damped values are floored at ``eps · n · max`` (and a
-    tiny absolute value), so a singular undamped block gives large, finite entries.
-    """
-    mapped = values.abs() if eigenvalues == "abs" else values.clamp(min=0.0)
-    damped = mapped + damping
-    if exponent < 0:
-        eps = torch.finfo(values.dtype).eps
-        top = damped.detach().abs().amax() if damped.numel() else damped.new_zeros(())
-        floor = torch.clamp(top * eps * max(values.shape[-1], 1), min=torch.finfo(values.dtype).tiny ** 0.5)
-        damped = torch.maximum(damped, floor)
-    return damped.pow(exponent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +120,8 @@ class PowerSolver(Solver):
                                    curvature.shapes), total)
 
     def _spectral(self, values: torch.Tensor, damping: torch.Tensor | float) -> torch.Tensor:
-        return spectral_power(values, damping, self.exponent, self.eigenvalues)
+        # One floor per block (a diagonal block's entries are all its eigenvalues).
+        return damped_power(values, damping, self.exponent, self.eigenvalues, scale=values.abs().amax())
 
     def refresh_block(self, block: CurvatureBlock, damping: torch.Tensor | float
                       ) -> tuple[CurvatureBlock, torch.Tensor]:

@@ -9,8 +9,9 @@ import torch
 
 from fprecond._validation import check_choice
 from fprecond.curvature.blocks import CurvatureBlock
-from fprecond.curvature.lowrank import _LowRankBase, singular_floor
+from fprecond.curvature.lowrank import _LowRankBase
 from fprecond.lazy import lazy_where
+from fprecond.spectral import singular_floor
 from fprecond.solvers import linalg
 from fprecond.solvers.base import PowerSolver
 
@@ -50,8 +51,8 @@ class CholeskySolver(PowerSolver):
         root = lazy_where((info != 0)[..., None, None], lambda: linalg.eigh_power(block.core, 0.5), factor)
         inner = root.transpose(-1, -2) @ block.gram() @ root
         # A zero scale (no damping) has no inverse: floor it, as eigenvalues are floored elsewhere.
-        scale = torch.maximum(block.scale + damping, singular_floor(torch.diagonal(inner, dim1=-2, dim2=-1),
-                                                                    block.rank))
+        top = torch.diagonal(inner, dim1=-2, dim2=-1).abs().amax(dim=-1)
+        scale = torch.maximum(block.scale + damping, singular_floor(top, block.rank))
         inverse, failed = linalg.damped_cholesky_inverse(inner, scale, retries=self.retries, growth=self.growth)
         core = -(root @ inverse @ root.transpose(-1, -2)) / scale
         return block._replace(core, 1.0 / scale), failed

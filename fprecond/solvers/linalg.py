@@ -33,7 +33,7 @@ import torch
 
 from fprecond._validation import check_choice, check_number
 from fprecond.lazy import lazy_where
-from fprecond.spectral import symmetric_eigh
+from fprecond.spectral import damped_power, symmetric_eigh
 
 __all__ = [
     "damped_cholesky_inverse",
@@ -82,13 +82,6 @@ def _add_damping(matrix: torch.Tensor, damping: torch.Tensor) -> torch.Tensor:
     return matrix + damping[..., None, None] * _eye(matrix)
 
 
-def _absolute_floor(dtype: torch.dtype, exponent: float) -> float:
-    # The smallest eigenvalue a zero matrix is given: its power stays below
-    # 1/sqrt(tiny) (~1e154 in float64, ~1e19 in float32), so products stay finite.
-    tiny = torch.finfo(dtype).tiny
-    return max(tiny ** (1.0 / (2.0 * max(abs(exponent), 1e-300))), tiny)
-
-
 def _spectral_function(values: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """``V diag(values) Vᵀ``."""
     return (vectors * values[..., None, :]) @ vectors.mT
@@ -102,15 +95,8 @@ def _modify_eigenvalues(owner: str, values: torch.Tensor, eigenvalues: str) -> t
 def _power_from_eigh(values: torch.Tensor, vectors: torch.Tensor, damping: torch.Tensor, exponent: float,
                      eigenvalues: str, owner: str) -> torch.Tensor:
     """``(f(Λ) + damping)^exponent`` in the eigenbasis, floored for negative exponents."""
-    n = values.shape[-1]
-    damped = _modify_eigenvalues(owner, values, eigenvalues) + damping[..., None]
-    if exponent < 0:
-        scale = values.abs().amax(-1, keepdim=True)
-        floor = (torch.finfo(values.dtype).eps * n * scale).clamp_min(_absolute_floor(values.dtype, exponent))
-        damped = torch.maximum(damped, floor)
-    else:
-        damped = damped.clamp_min(0.0)  # a negative tensor damping must not give NaN roots
-    return _spectral_function(damped.pow(exponent), vectors)
+    check_choice(owner, "eigenvalues", eigenvalues, ("clamp", "abs"))
+    return _spectral_function(damped_power(values, damping[..., None], exponent, eigenvalues), vectors)
 
 
 def _frobenius(matrix: torch.Tensor) -> torch.Tensor:
