@@ -16,7 +16,8 @@ Every block offers the same vocabulary:
 - ``power(exponent)``: the matrix power through an eigendecomposition
   (``power(-1.0)`` is the inverse, ``power(-0.5)`` the inverse root); eigenvalues
   are clamped at zero first, so damp a singular or indefinite block before a
-  negative power.
+  negative power (undamped, zero eigenvalues are floored as in
+  :func:`fprecond.spectral.damped_power`: large but finite).
 
 Adding two blocks (``fprecond.tree.tree_add``) or averaging them adds their
 leaves: exact for dense, unit-wise and diagonal blocks; for Kronecker blocks it
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 from fprecond.layers.layout import MatrixLayout, flat_index_matrix, from_matrix, to_matrix
-from fprecond.spectral import symmetric_eigh
+from fprecond.spectral import damped_power, symmetric_eigh
 from fprecond.tree import pytree_dataclass, static_field
 
 __all__ = [
@@ -66,7 +67,7 @@ def split_vector(flat: torch.Tensor, names: tuple[str, ...], shapes: tuple[tuple
 def _symmetric_power(matrix: torch.Tensor, exponent: float) -> torch.Tensor:
     """``matrix^exponent`` for (batched) symmetric matrices; eigenvalues clamped at zero."""
     eigenvalues, eigenvectors = symmetric_eigh(matrix)
-    powered = eigenvalues.clamp(min=0.0).pow(exponent)
+    powered = damped_power(eigenvalues, 0.0, exponent)
     return (eigenvectors * powered.unsqueeze(-2)) @ eigenvectors.transpose(-1, -2)
 
 
@@ -191,7 +192,8 @@ class DiagonalBlock(CurvatureBlock):
         return DiagonalBlock({name: d * factor for name, d in self.diagonal.items()}, self.names)
 
     def power(self, exponent: float) -> "DiagonalBlock":
-        return DiagonalBlock({name: d.clamp(min=0.0).pow(exponent) for name, d in self.diagonal.items()}, self.names)
+        return DiagonalBlock({name: damped_power(d, 0.0, exponent, scale=d.abs().amax())
+                              for name, d in self.diagonal.items()}, self.names)
 
 
 class _LayerBlock(CurvatureBlock):
@@ -341,7 +343,7 @@ class KroneckerEigenBlock(_LayerBlock):
         return self._with_scaling(self.scaling * factor)
 
     def power(self, exponent: float) -> "KroneckerEigenBlock":
-        return self._with_scaling(self.scaling.clamp(min=0.0).pow(exponent))
+        return self._with_scaling(damped_power(self.scaling, 0.0, exponent, scale=self.scaling.abs().amax()))
 
 
 def block_summary(block: Any) -> str:
