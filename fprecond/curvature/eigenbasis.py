@@ -23,11 +23,11 @@ import torch
 
 from fprecond._validation import check_number
 from fprecond.curvature.blocks import CurvatureBlock, KroneckerBlock, KroneckerEigenBlock
-from fprecond.curvature.estimate import BlockBuilder, CurvatureEstimator, _owner
+from fprecond.curvature.estimate import BlockBuilder, CurvatureEstimator, _owner, running_average
 from fprecond.curvature.matrix import Curvature
 from fprecond.lazy import lazy_where
 from fprecond.modeling import Model
-from fprecond.tree import pytree_dataclass, tree_map
+from fprecond.tree import pytree_dataclass
 
 __all__ = ["EigenbasisEstimator", "EigenbasisState", "eigenbasis_moments"]
 
@@ -104,10 +104,9 @@ class EigenbasisEstimator:
         plans = self.kron.plans
         fresh = tuple(builder.block(plan) for plan in plans)
         first = state.count == 0
-        weight = torch.where(first, 1.0, 1.0 - self.decay)
 
         def average(old: Any, new: Any) -> Any:
-            return tree_map(lambda a, b: a + weight.to(b.dtype) * (b - a), old, new)
+            return running_average(old, new, first, self.decay)
 
         factors = state.factors._replace_blocks(tuple(average(old, new) for old, new in
                                                       zip(state.factors.blocks, fresh)))
@@ -122,10 +121,7 @@ class EigenbasisEstimator:
             layer = _owner(plan)[0]
             inputs, grads = builder.layer_statistics(layer)
             moments = eigenbasis_moments(inputs, grads, basis_block.input_basis, basis_block.output_basis)
-            restart = first | new_basis
-            kept_weight = torch.where(restart, 1.0, 1.0 - self.decay).to(moments.dtype)
-            old_scaling = torch.where(new_basis, basis_block.scaling, old.scaling)  # type: ignore[attr-defined]
-            scaling = old_scaling + kept_weight * (moments - old_scaling)
+            scaling = running_average(old.scaling, moments, first | new_basis, self.decay)  # type: ignore[attr-defined]
             blocks.append(KroneckerEigenBlock(basis_block.input_basis, basis_block.output_basis, scaling,
                                               basis_block.layout))
         curvature = state.curvature._replace_blocks(tuple(blocks))

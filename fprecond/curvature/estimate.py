@@ -49,7 +49,7 @@ from fprecond.modeling import Layer, Model, unpack_batch
 from fprecond.taps import Taps, layer_taps, perturbed_forward
 from fprecond.tree import pytree_dataclass, tree_map
 
-__all__ = ["estimate", "estimator", "CurvatureEstimator", "EstimatorState"]
+__all__ = ["estimate", "estimator", "CurvatureEstimator", "EstimatorState", "running_average"]
 
 Params = dict[str, torch.Tensor]
 
@@ -248,6 +248,13 @@ def estimate(model: Model, params: Params, batch: Any, *, kind: str, structure: 
     return Curvature(blocks, kind, structure, model.param_names, shapes)
 
 
+def running_average(old: Any, new: Any, restart: torch.Tensor, decay: float) -> Any:
+    """``decay · old + (1 - decay) · new`` leaf-wise, or ``new`` where ``restart`` (a 0-dim
+    bool: the first estimate, or one that must not mix with the old)."""
+    weight = torch.where(restart, 1.0, 1.0 - decay)
+    return tree_map(lambda a, b: a + weight.to(b.dtype) * (b - a), old, new)
+
+
 @pytree_dataclass
 class EstimatorState:
     """``count``: estimates taken so far (0-dim int64); ``curvature``: the running average."""
@@ -361,8 +368,7 @@ class CurvatureEstimator:
     def update(self, state: EstimatorState, params: Params, batch: Any, key: torch.Tensor | None = None,
                buffers: Params | None = None) -> EstimatorState:
         fresh = self.estimate(params, batch, key, buffers)
-        weight = torch.where(state.count == 0, 1.0, 1.0 - self.decay)
-        curvature = tree_map(lambda old, new: old + weight.to(new.dtype) * (new - old), state.curvature, fresh)
+        curvature = running_average(state.curvature, fresh, state.count == 0, self.decay)
         return EstimatorState(state.count + 1, curvature)
 
 
