@@ -279,12 +279,19 @@ class KroneckerBlock(_LayerBlock):
     def damped(self, damping: float | torch.Tensor, pi: bool = False) -> "KroneckerBlock":
         if not pi:
             return KroneckerBlock(self.input_factor, self.output_factor, self.damping + damping, self.layout)
-        # π-damping: (A + π√λ I) ⊗ (G + √λ/π I), π² = (tr A / S) / (tr G / O) (Martens & Grosse 2015).
-        mean_a = torch.diagonal(self.input_factor, dim1=-2, dim2=-1).mean(-1)
-        mean_g = torch.diagonal(self.output_factor, dim1=-2, dim2=-1).mean(-1)
-        usable = (mean_a > 0) & (mean_g > 0)
-        pi_factor = torch.where(usable, torch.sqrt(mean_a / torch.where(usable, mean_g, 1.0)), 1.0)
+        return self.factor_damped(damping, pi=True)
+
+    def factor_damped(self, damping: float | torch.Tensor, pi: bool = True) -> "KroneckerBlock":
+        """Damping split between the factors, ``(A + π√λ I) ⊗ (G + √λ/π I)``, with
+        ``π² = (tr A / S) / (tr G / O)`` (Martens & Grosse 2015, §6.3) or ``π = 1``."""
         root = torch.sqrt(torch.as_tensor(damping, dtype=self.input_factor.dtype, device=self.input_factor.device))
+        if pi:
+            mean_a = torch.diagonal(self.input_factor, dim1=-2, dim2=-1).mean(-1)
+            mean_g = torch.diagonal(self.output_factor, dim1=-2, dim2=-1).mean(-1)
+            usable = (mean_a > 0) & (mean_g > 0)
+            pi_factor = torch.where(usable, torch.sqrt(mean_a / torch.where(usable, mean_g, 1.0)), 1.0)
+        else:
+            pi_factor = torch.ones_like(self.input_factor[:, 0, 0])
         a = self.input_factor + (pi_factor * root)[:, None, None] * _eye_like(self.input_factor)
         g = self.output_factor + (root / pi_factor)[:, None, None] * _eye_like(self.output_factor)
         return KroneckerBlock(a, g, self.damping, self.layout)

@@ -150,17 +150,9 @@ class PowerSolver(Solver):
             eigen = block.eigendecomposition()
             return KroneckerEigenBlock(eigen.input_basis, eigen.output_basis, self._spectral(eigen.scaling, damping),
                                        block.layout), torch.zeros((), dtype=torch.int64)
-        total = block.damping + damping
-        split = KroneckerBlock(block.input_factor, block.output_factor, block.damping.new_zeros(()), block.layout)
-        if self.pi:
-            split = split.damped(total, pi=True)
-            a, g = split.input_factor, split.output_factor
-        else:
-            root = torch.sqrt(torch.as_tensor(total, dtype=block.input_factor.dtype))
-            a = block.input_factor + root * _identity(block.input_factor)
-            g = block.output_factor + root * _identity(block.output_factor)
-        a_power, a_failed = self.matrix_power(a, 0.0)
-        g_power, g_failed = self.matrix_power(g, 0.0)
+        split = block.factor_damped(block.damping + damping, pi=self.pi)
+        a_power, a_failed = self.matrix_power(split.input_factor, 0.0)
+        g_power, g_failed = self.matrix_power(split.output_factor, 0.0)
         return KroneckerBlock(a_power, g_power, block.damping.new_zeros(()), block.layout), a_failed.sum() + g_failed.sum()
 
     def _low_rank(self, block: _LowRankBase, damping: torch.Tensor | float) -> tuple[CurvatureBlock, torch.Tensor]:
@@ -169,7 +161,3 @@ class PowerSolver(Solver):
             return DenseBlock(matrix, block.names, block.shapes), failed
         core, scale = low_rank_power(block.gram(), block.core, block.scale + damping, self.exponent, self.eigenvalues)
         return block._replace(core, scale), torch.zeros((), dtype=torch.int64)
-
-
-def _identity(factor: torch.Tensor) -> torch.Tensor:
-    return torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
