@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import fprecond as fp
+from fprecond.datasets import digits
 from fprecond.tree import ravel, tree_map
 
 # --------------------------------------------------------------------------- models
@@ -197,3 +198,31 @@ def require_peer(name: str):
     if os.environ.get("FPRECOND_REQUIRE_PEERS") == "1":
         return importlib.import_module(name)  # the submodule itself for dotted names
     return pytest.importorskip(name)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_digits(make, steps: int = 40, batch_size: int = 64) -> float:
+    """The full training loss of a 64-16-10 tanh MLP after ``steps`` steps on digits (float32).
+
+    ``make(model, example_inputs) -> transform``; every step passes ``batch`` and the
+    fixed ``key=fp.random.key(7)`` (recipes fold it with their step count). The
+    shared baseline is ``fp.sgd(0.1, momentum=0.9)``, which reaches about 0.46.
+    """
+    torch.manual_seed(0)
+    (train_x, train_y), _ = digits()
+    module = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).float()
+    md = fp.model(module, fp.losses.cross_entropy())
+    params = md.params()
+    transform = make(md, train_x[:batch_size])
+    state = transform.init(params)
+    generator = torch.Generator().manual_seed(1)
+    key = fp.random.key(7)
+    for _ in range(steps):
+        index = torch.randint(0, len(train_y), (batch_size,), generator=generator)
+        batch = (train_x[index], train_y[index])
+        _, grads = fp.loss_and_grads(md, params, batch)
+        updates, state = transform.update(grads, state, params, batch=batch, key=key)
+        params = fp.apply_updates(params, updates)
+    return float(md.batch_loss(params, (train_x, train_y)))

@@ -9,7 +9,6 @@ from torch import nn
 from torch.func import vmap
 
 import fprecond as fp
-from fprecond.datasets import digits
 from fprecond.layers import flat_index_matrix, form_of
 from fprecond.tree import ravel, tree_leaves
 
@@ -21,6 +20,7 @@ from tests.helpers import (
     dense_hessian,
     make_problem,
     stack_trees,
+    train_digits,
 )
 
 LAMBDA = 0.1
@@ -226,26 +226,6 @@ def test_ensemble_under_vmap_equals_loop(name):
 
 
 # --------------------------------------------------------------------------- training
-
-
-def train_digits(make, steps: int = 40, batch_size: int = 64) -> float:
-    """The full training loss of a 64-16-10 tanh MLP after ``steps`` steps on digits (float32)."""
-    torch.manual_seed(0)
-    (train_x, train_y), _ = digits()
-    module = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).float()
-    md = fp.model(module, fp.losses.cross_entropy())
-    params = md.params()
-    transform = make(md, train_x[:batch_size])
-    state = transform.init(params)
-    generator = torch.Generator().manual_seed(1)
-    key = fp.random.key(7)
-    for _ in range(steps):
-        index = torch.randint(0, len(train_y), (batch_size,), generator=generator)
-        batch = (train_x[index], train_y[index])
-        _, grads = fp.loss_and_grads(md, params, batch)
-        updates, state = transform.update(grads, state, params, batch=batch, key=key)
-        params = fp.apply_updates(params, updates)
-    return float(md.batch_loss(params, (train_x, train_y)))
 
 
 @pytest.fixture(scope="module")
