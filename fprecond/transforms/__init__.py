@@ -1,9 +1,11 @@
-"""Building blocks of a transform chain: scaling, momentum, Adam, weight decay, clipping, NaN guard."""
+"""Building blocks of a transform chain: scaling, momentum, Adam, weight decay, clipping, NaN guard,
+routing by label."""
 
 from fprecond.transforms.adam import ScaleByAdamState, scale_by_adam
 from fprecond.transforms.clipping import clip_by_global_norm
 from fprecond.transforms.finite import ApplyIfFiniteState, apply_if_finite
 from fprecond.transforms.momentum import TraceState, trace
+from fprecond.transforms.partition import partition
 from fprecond.transforms.scaling import ScaleByScheduleState, scale, scale_by_learning_rate
 from fprecond.transforms.weight_decay import add_decayed_weights
 
@@ -15,6 +17,7 @@ __all__ = [
     "add_decayed_weights",
     "apply_if_finite",
     "clip_by_global_norm",
+    "partition",
     "scale",
     "scale_by_adam",
     "scale_by_learning_rate",
