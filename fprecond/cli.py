@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """A subcommand's usage errors as one line (``fprecond compare: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fprecond", description="Functional gradient preconditioning on torch.func.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrors)
     demo = commands.add_parser("demo", help="train a small MLP on scikit-learn's digits with a chain")
     demo.add_argument("--epochs", type=int, default=5)
     demo.add_argument("--batch-size", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
     _add_bench(commands)
+    _add_compare(commands)
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -26,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if losses[-1] < losses[0] else 1
     if args.command == "bench":
         return _run_bench(parser, args)
+    if args.command == "compare":
+        return _run_compare(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
@@ -127,6 +137,94 @@ def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         write_report(args.output, reports[suites[0]] if len(reports) == 1 else {"suites": reports})
     # Every row is printed either way; a non-zero status tells scripts that some measurement failed.
     return 0 if all(all_measured(report) for report in reports.values()) else 1
+
+
+
+def _add_compare(commands: argparse._SubParsersAction) -> None:
+    compare = commands.add_parser(
+        "compare", help="train one model with several methods; compare throughput, memory and accuracy",
+        description="Trains one workload with several methods under the same initialisation, data order and "
+                    "budget, each (method, seed) in its own process, and reports per method: step time (and its "
+                    "ratio to SGD, always run as the baseline), samples/s, peak memory, final and best test "
+                    "accuracy and loss, and steps/time to a target accuracy; as a table, results.json, "
+                    "results.csv and PNG plots in --output.",
+        epilog="Example: fprecond compare --methods sgd,adam,kfac,shampoo --set kfac.damping=1e-2 --epochs 5")
+    compare.add_argument("--workload", default="mlp",
+                         help="mlp | cnn (scikit-learn digits), transformer (sequence reversal generated in code), "
+                              "npz (your own data, with --data); default mlp")
+    compare.add_argument("--data", default=None, metavar="PATH",
+                         help="an .npz file with inputs/targets (x/y) and optionally test_inputs/test_targets")
+    compare.add_argument("--methods", default=None,
+                         help="comma-separated (default sgd,adam,kfac,shampoo,soap,ekfac); see --list-methods")
+    compare.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                         help="a setting of one method's recipe, e.g. kfac.damping=1e-2 (repeatable, or "
+                              "comma-separated)")
+    compare.add_argument("--list-methods", action="store_true", help="list the methods and their settings, and exit")
+    compare.add_argument("--epochs", type=float, default=None, help="passes over the training split (default 10)")
+    compare.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                         help="seconds of training per run (without --epochs: no epoch limit)")
+    compare.add_argument("--batch-size", type=int, default=64)
+    compare.add_argument("--seeds", type=int, default=1, help="runs per method, seeds 0..N-1: mean and spread")
+    compare.add_argument("--curvature-every", type=int, default=None,
+                         help="curvature/statistics interval of the methods that have one (default: theirs)")
+    compare.add_argument("--inverse-every", type=int, default=None,
+                         help="inverse/root/basis interval of the methods that have one (default: theirs)")
+    compare.add_argument("--ensemble", type=int, default=1, metavar="K",
+                         help="train K seeds at once with torch.func.vmap, and time a loop over them")
+    compare.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default 10)")
+    compare.add_argument("--target-accuracy", type=float, default=0.9,
+                         help="report steps and seconds to this test accuracy (default 0.9)")
+    compare.add_argument("--reference", default=None, choices=("asdl",),
+                         help="also run ASDL's implementation of each method it has (needs asdfghjkl)")
+    compare.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                         help="default: cuda when available, else cpu")
+    compare.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
+    compare.add_argument("--output", default="compare-results", metavar="DIR",
+                         help="folder for results.json, results.csv and the plots (default compare-results)")
+    compare.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bars")
+    compare.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is abandoned")
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    def fail(message: str) -> int:
+        print(f"fprecond compare: error: {message}", file=sys.stderr)
+        return 2
+
+    from fprecond.compare.methods import DEFAULT_METHODS, METHODS, MethodError, parse_settings
+
+    if args.list_methods:
+        for name, method in METHODS.items():
+            print(f"{name:18} {method.summary}")
+            print(f"{'':18} settings: {', '.join(method.parameters())}")
+        return 0
+    methods = tuple(dict.fromkeys(item.strip() for item in (args.methods or ",".join(DEFAULT_METHODS)).split(",")
+                                  if item.strip()))
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown or not methods:
+        return fail(f"unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(METHODS)}")
+    try:
+        settings = parse_settings(args.set, methods)
+    except MethodError as error:
+        return fail(str(error))
+    import torch
+
+    from fprecond.compare.runner import CompareConfig, CompareError, run_compare
+
+    epochs = args.epochs if args.epochs is not None else (None if args.time_budget is not None else 10.0)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = CompareConfig(task=args.workload, data=args.data, methods=methods, settings=settings, epochs=epochs,
+                           seconds=args.time_budget, batch_size=args.batch_size, seeds=args.seeds,
+                           curvature_every=args.curvature_every, inverse_every=args.inverse_every,
+                           ensemble=args.ensemble, eval_every=args.eval_every, target_accuracy=args.target_accuracy,
+                           reference=args.reference, device=device, threads=args.threads, output=args.output,
+                           timeout=args.timeout, plots=not args.no_plots)
+    try:
+        report = run_compare(config, show_progress=not args.no_progress and sys.stderr.isatty())
+    except CompareError as error:
+        return fail(str(error))
+    # Diverged methods are results; a run that crashed is a failure of the command.
+    return 0 if all(row["status"] in ("ok", "skipped") for row in report["rows"]) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["peak_bytes", "cpu_peak_supported", "steady_allocator"]
+__all__ = ["peak_bytes", "cpu_peak_supported", "steady_allocator", "ProcessPeak"]
 
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -115,3 +115,40 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int | 
     result = fn()
     peak = _status_kib("VmHWM")
     return result, max(peak - before, 0) * 1024
+
+
+class ProcessPeak:
+    """The high-water mark of this process over a stretch of work (a whole training run).
+
+    CPU: the resident set's high-water mark (``VmHWM``) after resetting it at
+    :meth:`start`, and how far it rose above the resident set at that moment; the
+    glibc thresholds are not touched, so timings in the stretch stay undisturbed.
+    CUDA: the allocator's peak (``max_memory_allocated``) and its rise above the
+    tensors held at :meth:`start`. Unknown values are ``None``.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._start: int | None = None
+        self._resettable = False
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        elif os.path.exists(_STATUS):
+            self._start = _status_kib("VmRSS") * 1024
+            self._resettable = _reset_high_water_mark()
+
+    def stop(self) -> tuple[int | None, int | None]:
+        """``(peak bytes, peak bytes above the start)``."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            return peak, None if self._start is None else max(peak - self._start, 0)
+        if self._start is None:
+            return None, None
+        peak = _status_kib("VmHWM") * 1024
+        return peak, max(peak - self._start, 0) if self._resettable else None

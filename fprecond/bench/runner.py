@@ -29,7 +29,7 @@ from fprecond.bench.workloads import MODELS
 
 __all__ = ["RunConfig", "Column", "Table", "pin_cpus", "prepare_worker", "time_calls", "time_and_peak",
            "worker_main", "run_worker", "run_settings", "error_fields", "ratio", "mib", "all_measured",
-           "write_report", "finish_report"]
+           "write_report", "finish_report", "worker_environment", "result_from_output"]
 
 _RESULT_PREFIX = "BENCH-RESULT "
 _MIB = 1024.0 * 1024.0
@@ -170,20 +170,32 @@ def worker_main(argv: Sequence[str], module: str, measure: Callable[[dict[str, A
 def run_worker(module: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run ``python -m <module> --worker SPEC`` in a fresh interpreter and return what it
     measured; failures (a crash, a timeout) come back as ``error``."""
-    env = dict(os.environ)
-    # Let the worker import this very copy of fprecond, installed or not.
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env = worker_environment()
     command = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:g} s"}
-    for line in reversed(done.stdout.splitlines()):
+    return result_from_output(done.stdout, done.stderr, done.returncode)
+
+
+def worker_environment() -> dict[str, str]:
+    """The environment for a worker: this process's, with this very copy of fprecond
+    (installed or not) first on the import path."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def result_from_output(stdout: str, stderr: str, returncode: int) -> dict[str, Any]:
+    """The JSON result a worker printed (see :func:`worker_main`), or an ``error`` with the
+    last line of its error output."""
+    for line in reversed(stdout.splitlines()):
         if line.startswith(_RESULT_PREFIX):
             return json.loads(line[len(_RESULT_PREFIX):])
-    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"worker exited with {done.returncode}: {last}"}
+    last = (stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"worker exited with {returncode}: {last}"}
 
 
 def memory_method(device: str) -> str:
