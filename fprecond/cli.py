@@ -41,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 _SUITES = ("curvature", "recipes")
 _RECIPES = ("sgd", "adam", "kfac", "ekfac", "natural_gradient", "unit_wise_ng", "diag_ng", "smw_ng", "seng",
-            "newton_cg", "newton")
+            "newton_cg", "newton", "shampoo", "shampoo_block128", "soap", "soap_block128", "psgd", "kbfgs", "muon",
+            "sophia", "adahessian")
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:

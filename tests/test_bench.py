@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import fprecond as fp
 from fprecond.bench.curvature import _format_row, _row, _run_worker, plan_cell, plan_cells, workload
 from fprecond.bench.recipes import RECIPES, _Training, lead_steps, plan_rows, target_checks
 from fprecond.bench.recipes import _format_row as _format_recipe_row
@@ -187,6 +188,26 @@ def test_recipe_rows_print_skips_errors_and_targets():
     failed = _recipe_row("cnn", plan_rows("seng", (1,), 100)[0], {"error": "RuntimeError: boom\nmore"}, None)
     assert failed["status"] == "error" and failed["note"] == "error: RuntimeError: boom"
     rows = [{"model": "mlp", "recipe": "kfac", "interval": 10, "time_ratio": 1.2},
-            {"model": "mlp", "recipe": "kfac", "interval": 1, "time_ratio": 3.5}]
-    checks = {c["interval"]: c for c in target_checks(rows)}
-    assert checks[10]["met"] is True and checks[1]["met"] is False and checks[1]["limit"] == 3.0
+            {"model": "mlp", "recipe": "kfac", "interval": 1, "time_ratio": 3.5},
+            {"model": "mlp", "recipe": "adam", "interval": None, "time_ratio": 2.0},
+            {"model": "mlp", "recipe": "shampoo", "interval": 10, "time_ratio": 2.8},
+            {"model": "mlp", "recipe": "soap", "interval": 10, "time_ratio": 3.2}]
+    checks = {(c["recipe"], c["interval"]): c for c in target_checks(rows)}
+    assert checks[("kfac", 10)]["met"] is True and checks[("kfac", 1)]["met"] is False
+    assert checks[("kfac", 1)]["limit"] == 3.0 and checks[("kfac", 1)]["baseline"] == "sgd"
+    # Against Adam: (recipe / SGD) / (Adam / SGD).
+    assert checks[("shampoo", 10)]["time_ratio"] == pytest.approx(1.4) and checks[("shampoo", 10)]["met"] is True
+    assert checks[("soap", 10)]["time_ratio"] == pytest.approx(1.6) and checks[("soap", 10)]["met"] is False
+    assert checks[("soap_block128", 10)]["met"] is None
+
+
+@pytest.mark.parametrize("recipe", ["shampoo", "shampoo_block128", "soap", "soap_block128", "psgd", "kbfgs", "muon",
+                                    "sophia", "adahessian"])
+def test_statistics_recipes_build_and_step_in_the_bench(recipe):
+    work = workload("mlp", quick=True)
+    md = fp.model(work.module, fp.losses.cross_entropy())
+    training = _Training(md, RECIPES[recipe].build(md, work.batch[0], 2), md.params(), work.batch,
+                         fp.random.key(0))
+    training.run(4)
+    assert math.isfinite(float(training.loss))
+    assert all(torch.isfinite(p).all() for p in training.params.values())
