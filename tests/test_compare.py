@@ -18,6 +18,8 @@ from fprecond.compare.methods import METHODS, MethodError, parse_settings
 from fprecond.compare.tasks import TaskError, build_task, load_npz
 from fprecond.compare.train import Budget, train_run
 
+from tests.helpers import require_peer
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -82,8 +84,8 @@ def test_ensemble_reports_vmap_against_loop(tmp_path):
     assert "vmap x loop" in done.stdout
 
 
-@pytest.mark.skipif(not __import__("importlib").util.find_spec("asdl"), reason="ASDL (asdfghjkl) not installed")
 def test_reference_asdl_rows(tmp_path):
+    require_peer("asdl")
     out = tmp_path / "out"
     done = run_cli("--methods", "kfac,adam", "--reference", "asdl", *TINY, "--output", str(out), "--no-plots",
                    cwd=tmp_path)

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["header_lines", "add_ratios", "table_lines", "write_outputs", "CSV_FIELDS"]
+__all__ = ["header_lines", "add_ratio", "table_header", "table_row", "table_lines", "write_outputs", "CSV_FIELDS"]
 
 CSV_FIELDS: tuple[str, ...] = (
     "method", "status", "seeds", "steps", "step_time_s", "step_time_std_s", "time_ratio_to_sgd", "samples_per_s",
@@ -45,16 +45,14 @@ def header_lines(header: dict[str, Any]) -> list[str]:
     return lines
 
 
-def add_ratios(rows: list[dict[str, Any]], baseline: str) -> None:
-    """Set ``time_ratio_to_sgd`` on every row from the baseline row's step time."""
-    base = next((row for row in rows if row["method"] == baseline and row.get("step_time_s")), None)
-    for row in rows:
-        ratio = None
-        if base is not None and row.get("step_time_s"):
-            ratio = row["step_time_s"] / base["step_time_s"]
-        row["time_ratio_to_sgd"] = ratio
-        if "note" not in row:
-            row["note"] = _note(row)
+def add_ratio(row: dict[str, Any], base: dict[str, Any] | None) -> None:
+    """Set ``time_ratio_to_sgd`` (from the baseline row ``base``) and ``note`` on ``row``."""
+    ratio = None
+    if base is not None and base.get("step_time_s") and row.get("step_time_s"):
+        ratio = row["step_time_s"] / base["step_time_s"]
+    row["time_ratio_to_sgd"] = ratio
+    if "note" not in row:
+        row["note"] = _note(row)
 
 
 def _note(row: dict[str, Any]) -> str:
@@ -83,40 +81,51 @@ def _with_spread(value: float | None, spread: float | None, spec: str) -> str:
     return text
 
 
-def table_lines(report: dict[str, Any]) -> list[str]:
-    """The comparison as a fixed-width table."""
-    ensemble = report["settings"]["ensemble"] > 1
+def _columns(ensemble: bool) -> list[tuple[str, int, bool]]:
     columns = [("method", 22, True), ("steps", 6, False), ("step ms", 8, False), ("x SGD", 6, False),
                ("samples/s", 10, False), ("peak MiB", 9, False), ("final acc", 12, False),
                ("best acc", 12, False), ("test loss", 12, False), ("to target", 14, False)]
     if ensemble:
         columns.append(("vmap x loop", 11, False))
+    return columns
 
-    def join(cells: list[str]) -> str:
-        return "  ".join(f"{cell:<{width}}" if text else f"{cell:>{width}}"
-                         for cell, (_, width, text) in zip(cells, columns))
 
-    head = join([name for name, _, _ in columns]) + "  note"
-    lines = ["", head, "-" * len(head)]
-    for row in report["rows"]:
-        if row["status"] == "skipped":
-            lines.append(join([row["method"]] + ["-"] * (len(columns) - 1)) + f"  {row['note']}")
-            continue
-        target = "-"
-        if row.get("to_target_steps") is not None:
-            target = f"{row['to_target_steps']:.0f} / {row['to_target_s']:.1f}s"
-            if row["to_target_reached"] < row["seeds"]:
-                target += f" ({row['to_target_reached']}/{row['seeds']})"
-        cells = [row["method"], _number(row.get("steps"), ".0f"), _number(row.get("step_time_s"), ".2f", 1e3),
-                 _number(row.get("time_ratio_to_sgd"), ".2f"), _number(row.get("samples_per_s"), ".0f"),
-                 _number(row.get("peak_mib"), ".0f"),
-                 _with_spread(row.get("final_accuracy"), row.get("final_accuracy_std"), ".3f"),
-                 _with_spread(row.get("best_accuracy"), row.get("best_accuracy_std"), ".3f"),
-                 _with_spread(row.get("final_test_loss"), row.get("final_test_loss_std"), ".3f"), target]
-        if ensemble:
-            cells.append(_number(row.get("vmap_speedup"), ".2f"))
-        lines.append(join(cells) + (f"  {row['note']}" if row.get("note") else ""))
-    return lines
+def _join(cells: list[str], columns: list[tuple[str, int, bool]]) -> str:
+    return "  ".join(f"{cell:<{width}}" if text else f"{cell:>{width}}" for cell, (_, width, text) in zip(cells, columns))
+
+
+def table_header(ensemble: bool) -> list[str]:
+    """The table's header lines (the columns of :func:`table_row`)."""
+    columns = _columns(ensemble)
+    head = _join([name for name, _, _ in columns], columns) + "  note"
+    return ["", head, "-" * len(head)]
+
+
+def table_row(row: dict[str, Any], ensemble: bool) -> str:
+    """One method's line of the table."""
+    columns = _columns(ensemble)
+    if row["status"] == "skipped":
+        return _join([row["method"]] + ["-"] * (len(columns) - 1), columns) + f"  {row['note']}"
+    target = "-"
+    if row.get("to_target_steps") is not None:
+        target = f"{row['to_target_steps']:.0f} / {row['to_target_s']:.1f}s"
+        if row["to_target_reached"] < row["seeds"]:
+            target += f" ({row['to_target_reached']}/{row['seeds']})"
+    cells = [row["method"], _number(row.get("steps"), ".0f"), _number(row.get("step_time_s"), ".2f", 1e3),
+             _number(row.get("time_ratio_to_sgd"), ".2f"), _number(row.get("samples_per_s"), ".0f"),
+             _number(row.get("peak_mib"), ".0f"),
+             _with_spread(row.get("final_accuracy"), row.get("final_accuracy_std"), ".3f"),
+             _with_spread(row.get("best_accuracy"), row.get("best_accuracy_std"), ".3f"),
+             _with_spread(row.get("final_test_loss"), row.get("final_test_loss_std"), ".3f"), target]
+    if ensemble:
+        cells.append(_number(row.get("vmap_speedup"), ".2f"))
+    return _join(cells, columns) + (f"  {row['note']}" if row.get("note") else "")
+
+
+def table_lines(report: dict[str, Any]) -> list[str]:
+    """The whole comparison as a fixed-width table."""
+    ensemble = report["settings"]["ensemble"] > 1
+    return table_header(ensemble) + [table_row(row, ensemble) for row in report["rows"]]
 
 
 def _finite_or_none(value: Any) -> Any:

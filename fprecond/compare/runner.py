@@ -276,24 +276,31 @@ def run_compare(config: CompareConfig, out: Callable[[str], None] = print, show_
               "eval_every": _eval_every(config)}
     for line in reporting.header_lines(header):
         out(line)
+    ensemble = config.ensemble > 1
+    for line in reporting.table_header(ensemble):
+        out(line)
     rows: list[dict[str, Any]] = []
+
+    def add(row: dict[str, Any]) -> None:
+        # SGD runs first, so every later row has its time ratio when it is printed.
+        reporting.add_ratio(row, rows[0] if rows else row)
+        rows.append(row)
+        out(reporting.table_row(row, ensemble))
+
     for method in methods:
         runs = [_run_one(config, method, seed, None, show_progress) for seed in range(config.seeds)]
-        rows.append(summarize(method, None, runs, config.batch_size, config.ensemble))
+        add(summarize(method, None, runs, config.batch_size, config.ensemble))
         if config.reference == "asdl":
             from fprecond.compare.asdl_reference import asdl_note
 
             note = asdl_note(method)
             if note is None:
                 runs = [_run_one(config, method, seed, "asdl", show_progress) for seed in range(config.seeds)]
-                rows.append(summarize(method, "asdl", runs, config.batch_size, 1))
+                add(summarize(method, "asdl", runs, config.batch_size, 1))
             elif method != _BASELINE:
-                rows.append({"method": f"{method} (asdl)", "recipe": method, "reference": "asdl", "status": "skipped",
-                             "note": note, "runs": [], "seeds": 0})
-    reporting.add_ratios(rows, baseline=_BASELINE)
+                add({"method": f"{method} (asdl)", "recipe": method, "reference": "asdl", "status": "skipped",
+                     "note": note, "runs": [], "seeds": 0})
     report = {**header, "rows": rows, "wall_s": time.perf_counter() - begin}
-    for line in reporting.table_lines(report):
-        out(line)
     paths = reporting.write_outputs(report, Path(config.output), plots=config.plots)
     out(f"\nwrote {', '.join(str(path) for path in paths)}")
     out(f"total wall time {report['wall_s']:.1f} s")

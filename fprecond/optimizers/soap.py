@@ -142,8 +142,9 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float | None
     ``O(m n (m + n))`` whole, ``O(m n b)`` blocked; per refresh (``L Q``, QR, the first
     ``eigh``) ``O(m n (m + n))`` plus ``O(m³ + n³)`` whole, ``O(m n b)`` blocked
     (``ceil(m/b)·ceil(n/b)`` blocks of ``O(b³)``). Memory: the factors and bases hold
-    ``m² + n²`` numbers each whole, at most ``2 m n`` blocked (every block keeps its own
-    pair). ``None`` (the default): no splitting, the reference's behaviour.
+    ``m² + n²`` numbers each whole, ``2 m n`` blocked when ``b`` divides ``m`` and ``n``
+    (each of the ``m n / b²`` blocks keeps two ``b × b`` matrices). ``None`` (the
+    default): no splitting, the reference's behaviour.
 
     Non-finite statistics leave the basis (and the second moment's order) unchanged,
     per block.
@@ -288,14 +289,18 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float | None
                     for mode, s, q in zip(group.modes, stats, olds):
                         good = _finite(s)
                         s = torch.where(good, s, _eye_like(s))
-                        estimated = (q * (s @ q)).sum(-2)  # diag(Qᵀ L Q), (B, d)
+                        power = s @ q  # one power-iteration step, also giving diag(Qᵀ L Q)
+                        estimated = (q * power).sum(-2)  # (B, d)
                         order = torch.where(good[..., 0], torch.argsort(estimated, dim=-1, descending=True),
                                             torch.arange(s.shape[-1], device=s.device))
-                        q_sorted = torch.take_along_dim(q, order[:, None, :], dim=-1)
+                        # L Q[:, order] = (L Q)[:, order]. gather with an expanded index, not
+                        # take_along_dim, which wraps (remainder) the broadcast index first.
+                        power = torch.gather(power, -1, order[:, None, :].expand_as(power))
                         shape = [order.shape[0]] + [1] * (v_block.ndim - 1)
                         shape[mode + 1] = -1
-                        v_block = torch.take_along_dim(v_block, order.reshape(shape), dim=mode + 1)
-                        qs.append(torch.where(good, torch.linalg.qr(s @ q_sorted).Q, q))
+                        index = order.reshape(shape).expand_as(v_block)
+                        v_block = torch.gather(v_block, mode + 1, index)
+                        qs.append(torch.where(good, torch.linalg.qr(power).Q, q))
                     per_group.append(tuple(qs))
                     m_blocks.append(_project(original, group.modes, per_group[-1], back=False))
                     v_blocks.append(v_block)

@@ -396,7 +396,7 @@ def test_block_size_non_finite_statistics_keep_each_block_basis():
     for g in make_grads(params, 2):
         _, state = opt.update(g, state, params)
     g = make_grads(params, 1, seed=5)[0]["w"]
-    g[0, 0] = float("nan")  # block (0, 0) of the (2, 2) x 2 x 1 group ... and its statistics
+    g[0, 0] = float("nan")  # only block (0, 0) (of the group of (2, 2) blocks) sees it
     _, bad = opt.update({"w": g}, state, params)
     for old, new in zip(state.basis["w"][0], bad.basis["w"][0]):  # the (2, 2) group: blocks (0, 0), (1, 0)
         assert torch.equal(old[0], new[0])
@@ -424,6 +424,14 @@ def test_block_size_ensemble_under_vmap_equals_loop():
                                                  for s in range(5)])
     for a, b in zip(tree_leaves(batched), tree_leaves(looped)):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_block_size_trains_digits_below_sgd():
+    """Block-diagonal SOAP (the (16, 64) weight in 2 x 8 blocks of 8 x 8, the (10, 16) one
+    in 2 x 2 blocks) with the learning rate of the unblocked test."""
+    sgd_loss = train_digits(lambda md, inputs: fp.sgd(0.1, momentum=0.9))
+    loss = train_digits(lambda md, inputs: soap(3e-2, block_size=8))
+    assert loss < sgd_loss
 
 
 @pytest.mark.parametrize("block_size", [0, -1, 2.5, True, "3"])
