@@ -12,8 +12,14 @@ Scheduled recipes run once per interval ``k`` (``--intervals``, default 1 and
 ``curvature_every = k`` (its eigendecomposition follows the Hessian); ``ekfac``
 ``scale_every = k`` and ``basis_every = max(1, 10 // k)`` estimates, so that its
 eigenbases are refreshed about every 10 steps at every interval (every 10th
-estimate at ``k = 1``, every estimate at ``k = 10``). ``sgd``, ``adam`` and
-``newton_cg`` have no schedule and get one row each.
+estimate at ``k = 1``, every estimate at ``k = 10``). The statistics recipes:
+``shampoo`` and ``soap`` take ``statistics_every = precondition_frequency = k``
+(Shampoo preconditions from step ``k``; the ``*_block128`` rows split dimensions
+larger than 128 into blocks), ``psgd`` ``update_interval = k``, ``kbfgs``
+``inverse_every = k``, ``sophia`` ``update_interval = k``, ``adahessian``
+``update_each = k``. ``sgd``, ``adam``, ``newton_cg`` and ``muon`` have no
+schedule and get one row each. Targets against Adam (Shampoo and SOAP) divide
+the recipe's ratio to SGD by Adam's, each SGD timed in its own row's process.
 
 Amortisation: a scheduled step is expensive on refresh steps and cheap between
 them, so the reported step time is the average over whole periods of the

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -29,7 +30,7 @@ from fprecond.bench.workloads import MODELS
 
 __all__ = ["RunConfig", "Column", "Table", "pin_cpus", "prepare_worker", "time_calls", "time_and_peak",
            "worker_main", "run_worker", "run_settings", "error_fields", "ratio", "mib", "all_measured",
-           "write_report", "finish_report", "worker_environment", "result_from_output"]
+           "write_report", "finish_report", "worker_environment", "result_from_output", "json_safe"]
 
 _RESULT_PREFIX = "BENCH-RESULT "
 _MIB = 1024.0 * 1024.0
@@ -244,9 +245,20 @@ def all_measured(report: dict[str, Any]) -> bool:
     return all(row["status"] != "error" for row in report["rows"])
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None`` (strict JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def write_report(path: str, report: dict[str, Any]) -> None:
-    """Write ``report`` as JSON (no NaN or infinities: they are ``None`` in rows)."""
-    Path(path).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    """Write ``report`` as JSON, NaN and infinities as ``null`` (a diverged recipe's final loss)."""
+    Path(path).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
 
 
 def finish_report(report: dict[str, Any], start: float, output: str | None, out: Callable[[str], None]) -> None:

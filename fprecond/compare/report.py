@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fprecond.bench.runner import json_safe
+
 __all__ = ["header_lines", "add_ratio", "table_header", "table_row", "table_lines", "write_outputs", "CSV_FIELDS"]
 
 CSV_FIELDS: tuple[str, ...] = (
@@ -128,27 +130,17 @@ def table_lines(report: dict[str, Any]) -> list[str]:
     return table_header(ensemble) + [table_row(row, ensemble) for row in report["rows"]]
 
 
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(item) for item in value]
-    return value
-
-
 def write_outputs(report: dict[str, Any], folder: Path, plots: bool = True) -> list[Path]:
     """Write ``results.json``, ``results.csv`` and (``plots``) the PNG figures into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     json_path = folder / "results.json"
-    json_path.write_text(json.dumps(_finite_or_none(report), indent=1, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
     csv_path = folder / "results.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in report["rows"]:
-            writer.writerow({field: _finite_or_none(row.get(field)) for field in CSV_FIELDS})
+            writer.writerow({field: json_safe(row.get(field)) for field in CSV_FIELDS})
     paths = [json_path, csv_path]
     if plots:
         from fprecond.compare.plots import plot_all
