@@ -3,7 +3,7 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from fprecond import curvature, layers, losses, random, schedules, solvers, tree
+from fprecond import analysis, curvature, layers, losses, random, schedules, solvers, tree
 from fprecond.base import (
     EmptyState,
     GradientTransformation,
@@ -135,6 +135,7 @@ __all__ = [
     "solvers",
     "unit_wise_ng",
     "add_decayed_weights",
+    "analysis",
     "apply_if_finite",
     "apply_updates",
     "chain",
