@@ -63,7 +63,7 @@ def test_cell_plans_for_the_hessian_with_weight_sharing():
     (["--structures", "full"], "--structures"),
     (["--repeats", "0"], "--repeats"),
     (["--suite", "curvature,nope"], "--suite"),
-    (["--recipes", "kfac,shampoo"], "--recipes"),
+    (["--recipes", "kfac,lbfgs"], "--recipes"),
     (["--intervals", "1,0"], "--intervals"),
     (["--intervals", "ten"], "--intervals"),
 ])
