@@ -29,7 +29,9 @@ from fprecond.func import (
     per_example_grads,
     vjp,
 )
+from fprecond.checkpoint import load_state, save_state
 from fprecond.curvature import Curvature, CurvatureEstimator
+from fprecond.ensemble import ensemble_predict, ensemble_step, init_ensemble, member, stack_members
 from fprecond.modeling import Layer, Model, model
 from fprecond.optimizers import (
     adahessian,
@@ -81,6 +83,7 @@ from fprecond.transforms import (
     trace,
 )
 from fprecond.taps import Taps, layer_taps
+from fprecond.training import train_step
 from fprecond.tree import pytree_dataclass, static_field
 
 __version__ = "0.1.0"
@@ -143,15 +146,20 @@ __all__ = [
     "graft",
     "curvature",
     "empirical_fisher_vp",
+    "ensemble_predict",
+    "ensemble_step",
     "fisher_vp",
     "ggn_vp",
     "hvp",
     "identity",
+    "init_ensemble",
     "jvp",
     "layer_taps",
     "layers",
+    "load_state",
     "loss_and_grads",
     "losses",
+    "member",
     "model",
     "named_chain",
     "partition",
@@ -160,6 +168,7 @@ __all__ = [
     "random",
     "require_extras",
     "require_params",
+    "save_state",
     "scale",
     "scale_by_adam",
     "scale_by_grafting",
@@ -167,8 +176,10 @@ __all__ = [
     "schedules",
     "sgd",
     "shampoo",
+    "stack_members",
     "static_field",
     "trace",
+    "train_step",
     "tree",
     "vjp",
 ]

@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
-_SUITES = ("curvature", "recipes")
+_SUITES = ("curvature", "recipes", "ensemble")
 _RECIPES = ("sgd", "adam", "kfac", "ekfac", "natural_gradient", "unit_wise_ng", "diag_ng", "smw_ng", "seng",
             "newton_cg", "newton", "shampoo", "shampoo_block128", "soap", "soap_block128", "psgd", "kbfgs", "muon",
             "sophia", "adahessian")
@@ -54,10 +54,11 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
                     "estimate of each kind in each structure on an MLP and a CNN, as ratios to one "
                     "forward+backward pass of the same model. 'recipes': one training step of each recipe "
                     "(loss_and_grads + update + apply_updates) at each curvature/inverse interval, as ratios to "
-                    "one SGD step; the MLP runs at batch 256 there.")
+                    "one SGD step; the MLP runs at batch 256 there. 'ensemble': one K-FAC step of an ensemble of 8 "
+                    "MLPs, vmapped against a Python loop over the members.")
     bench.add_argument("--suite", default="curvature",
-                       help="comma-separated, from: curvature, recipes (default curvature; the full recipe "
-                            "suite takes about 20 minutes on one CPU)")
+                       help="comma-separated, from: curvature, recipes, ensemble (default curvature; the full "
+                            "recipe suite takes about 20 minutes on one CPU)")
     bench.add_argument("--models", default="mlp,cnn", help="comma-separated, from: mlp, cnn")
     bench.add_argument("--kinds", default="empirical_fisher,fisher_mc,ggn,fisher,hessian",
                        help="curvature suite; comma-separated, from: empirical_fisher, fisher_mc, ggn, fisher, "
@@ -112,6 +113,7 @@ def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         if not torch.cuda.is_available():
             parser.error("--device cuda: CUDA is not available")
     from fprecond.bench.curvature import KINDS, MODELS, STRUCTURES, BenchConfig, all_measured, run_bench
+    from fprecond.bench.ensemble import EnsembleBenchConfig, run_ensemble_bench
     from fprecond.bench.recipes import RECIPES, RecipeBenchConfig, run_recipe_bench
 
     models = _comma_list(parser, "--models", args.models, MODELS)
@@ -125,6 +127,9 @@ def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
                                 intervals=_intervals(parser, args.intervals), repeats=repeats, warmup=args.warmup,
                                 threads=args.threads, device=args.device, quick=args.quick, seed=args.seed,
                                 timeout=RecipeBenchConfig.timeout if args.timeout is None else args.timeout)
+    ensemble = EnsembleBenchConfig(repeats=repeats, warmup=args.warmup, threads=args.threads, device=args.device,
+                                   quick=args.quick, seed=args.seed,
+                                   timeout=EnsembleBenchConfig.timeout if args.timeout is None else args.timeout)
     reports: dict[str, dict[str, Any]] = {}
     if "curvature" in suites:
         reports["curvature"] = run_bench(curvature)
@@ -132,6 +137,10 @@ def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         if reports:
             print()
         reports["recipes"] = run_recipe_bench(recipes)
+    if "ensemble" in suites:
+        if reports:
+            print()
+        reports["ensemble"] = run_ensemble_bench(ensemble)
     if args.output is not None:
         from fprecond.bench.runner import write_report
 

@@ -101,7 +101,8 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
 
 
 def _numel(shape: Sequence[int]) -> int:
-    return math.prod(int(s) for s in shape)
+    # A list, not a generator: torch.compile cannot pass a generator to math.prod.
+    return math.prod([int(s) for s in shape])
 
 
 def random_bits(k: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

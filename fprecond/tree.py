@@ -13,8 +13,9 @@ every dense curvature matrix in fprecond.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, NamedTuple, TypeVar
 
 import optree
 import torch
@@ -29,6 +30,9 @@ __all__ = [
     "tree_map",
     "tree_leaves",
     "tree_structure",
+    "tree_flatten_ordered",
+    "tree_flatten_with_names",
+    "tree_unflatten_ordered",
     "tree_add",
     "tree_sub",
     "tree_scale",
@@ -63,6 +67,10 @@ def static_field(**kwargs: Any) -> Any:
     metadata = dict(kwargs.pop("metadata", {}) or {})
     metadata["static"] = True
     return dataclasses.field(metadata=metadata, **kwargs)
+
+
+# How to take each pytree_dataclass apart and rebuild it, for the flattening under torch.compile.
+_DATACLASS_NODES: dict[type, tuple[tuple[str, ...], Callable[[Any], Any], Callable[[Any, Any], Any]]] = {}
 
 
 @dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field, static_field))
@@ -100,6 +108,7 @@ def pytree_dataclass(cls: type[T]) -> type[T]:
         children, static = _split(obj)
         return children, static, child_names
 
+    _DATACLASS_NODES[cls] = (child_names, _split, _build)
     optree.register_pytree_node(
         cls,  # type: ignore[arg-type]
         _optree_flatten,
@@ -129,8 +138,115 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
 
 def tree_leaves(tree: PyTree) -> list[Any]:
     """Leaves of ``tree`` in insertion order of dicts (``named_parameters`` order)."""
+    if torch.compiler.is_compiling():
+        return tree_flatten_ordered(tree)[0]
     with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
         return optree.tree_leaves(tree, namespace=NAMESPACE)
+
+
+# Insertion-ordered flattening. Eagerly it is optree's, inside ``dict_insertion_ordered``.
+# Under torch.compile that context manager cannot be traced (it takes a lock), and dynamo's
+# optree polyfill sorts dict keys whatever the mode, so the tree is walked in Python there,
+# in the same order and with the same paths; the structure is then a ``_Walked`` record.
+
+
+class _Walked(NamedTuple):
+    """A node's structure recorded by :func:`_walk`: ``rebuild(children)`` (None for a leaf)."""
+
+    rebuild: Callable[[list[Any]], Any] | None
+    children: tuple["_Walked", ...]
+
+
+def _rebuild_mapping(node: dict, keys: list[Any]) -> Callable[[list[Any]], Any]:
+    def rebuild(values: list[Any]) -> Any:
+        if isinstance(node, collections.defaultdict):
+            return collections.defaultdict(node.default_factory, zip(keys, values))
+        return type(node)(zip(keys, values)) if isinstance(node, collections.OrderedDict) else dict(zip(keys, values))
+
+    return rebuild
+
+
+def _rebuild_sequence(node: Any) -> Callable[[list[Any]], Any]:
+    def rebuild(values: list[Any]) -> Any:
+        if isinstance(node, list):
+            return list(values)
+        if isinstance(node, collections.deque):
+            return collections.deque(values, maxlen=node.maxlen)
+        if hasattr(type(node), "_fields"):  # a NamedTuple
+            return type(node)(*values)
+        return tuple(values) if type(node) is tuple else type(node)(values)  # torch.return_types
+
+    return rebuild
+
+
+def _walk(node: Any, path: tuple[Any, ...], paths: list[tuple[Any, ...]], leaves: list[Any]) -> _Walked:
+    if node is None:  # a node without children, as in optree
+        return _Walked(lambda values: None, ())
+    dataclass_node = _DATACLASS_NODES.get(type(node))
+    if dataclass_node is not None:
+        names, split, build = dataclass_node
+        children, static = split(node)
+        specs = [_walk(child, path + (name,), paths, leaves) for child, name in zip(children, names)]
+        return _Walked(lambda values: build(values, static), tuple(specs))
+    if isinstance(node, dict):
+        keys = list(node.keys())
+        specs = [_walk(node[key], path + (key,), paths, leaves) for key in keys]
+        return _Walked(_rebuild_mapping(node, keys), tuple(specs))
+    if isinstance(node, (tuple, list, collections.deque)):
+        specs = [_walk(child, path + (index,), paths, leaves) for index, child in enumerate(node)]
+        return _Walked(_rebuild_sequence(node), tuple(specs))
+    paths.append(path)
+    leaves.append(node)
+    return _Walked(None, ())
+
+
+def _flatten_with_paths(tree: PyTree) -> tuple[list[tuple[Any, ...]], list[Any], Any]:
+    if torch.compiler.is_compiling():
+        paths: list[tuple[Any, ...]] = []
+        leaves: list[Any] = []
+        spec = _walk(tree, (), paths, leaves)
+        return paths, leaves, spec
+    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
+        return optree.tree_flatten_with_path(tree, namespace=NAMESPACE)  # type: ignore[return-value]
+
+
+def tree_flatten_ordered(tree: PyTree) -> tuple[list[Any], Any]:
+    """``(leaves, spec)``: the leaves in insertion order of dicts (``named_parameters``
+    order) and the structure, for :func:`tree_unflatten_ordered`. Traceable by
+    ``torch.compile(fullgraph=True)``, unlike optree's ``dict_insertion_ordered``."""
+    _, leaves, spec = _flatten_with_paths(tree)
+    return leaves, spec
+
+
+def tree_flatten_with_names(tree: PyTree) -> tuple[list[str], list[Any], Any]:
+    """``(names, leaves, spec)`` as :func:`tree_flatten_ordered`; a leaf's name is its
+    path joined with dots (the dict key itself for a flat dict of parameters)."""
+    paths, leaves, spec = _flatten_with_paths(tree)
+    return [".".join([str(part) for part in path]) for path in paths], leaves, spec
+
+
+def _unwalk(spec: _Walked, leaves: list[Any], position: list[int]) -> Any:
+    if spec.rebuild is None:
+        leaf = leaves[position[0]]
+        position[0] += 1
+        return leaf
+    return spec.rebuild([_unwalk(child, leaves, position) for child in spec.children])
+
+
+def tree_unflatten_ordered(spec: Any, leaves: list[Any]) -> PyTree:
+    """The tree of structure ``spec`` (from :func:`tree_flatten_ordered`) holding ``leaves``."""
+    if isinstance(spec, _Walked):
+        position = [0]
+        try:
+            tree = _unwalk(spec, list(leaves), position)
+        except IndexError:
+            raise ValueError(f"tree_unflatten_ordered: the structure has more leaves than the {len(leaves)} "
+                             "given") from None
+        if position[0] != len(leaves):
+            raise ValueError(f"tree_unflatten_ordered: the structure has {position[0]} leaves, got {len(leaves)}")
+        return tree
+    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
+        return optree.tree_unflatten(spec, leaves)
 
 
 def _reduce_leaves(fn: Callable[..., torch.Tensor], *trees: PyTree) -> list[torch.Tensor]:
@@ -240,8 +356,7 @@ def ravel(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]
         ``(flat, unravel_fn)`` where ``flat`` has shape ``(P,)`` and
         ``unravel_fn(flat)`` rebuilds a tree of the original structure.
     """
-    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
-        leaves, spec = optree.tree_flatten(tree, namespace=NAMESPACE)
+    leaves, spec = tree_flatten_ordered(tree)
     shapes = [leaf.shape for leaf in leaves]
     flat = torch.cat([leaf.reshape(-1) for leaf in leaves]) if leaves else torch.zeros(0)
 
@@ -258,5 +373,4 @@ def unravel(vector: torch.Tensor, spec: Any, shapes: list[torch.Size]) -> PyTree
         raise ValueError(f"unravel: vector has {vector.shape[-1]} entries, the tree needs {sum(sizes)}")
     pieces = torch.split(vector, sizes)
     leaves = [piece.reshape(shape) for piece, shape in zip(pieces, shapes)]
-    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
-        return optree.tree_unflatten(spec, leaves)
+    return tree_unflatten_ordered(spec, leaves)

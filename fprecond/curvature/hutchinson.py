@@ -27,14 +27,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import optree
 import torch
 from torch.func import grad, jvp, vjp
 
 from fprecond import random as random_keys
 from fprecond._validation import check_choice
 from fprecond.modeling import Model, unpack_batch
-from fprecond.tree import NAMESPACE, PyTree, tree_map
+from fprecond.tree import PyTree, tree_flatten_ordered, tree_map, tree_unflatten_ordered
 
 __all__ = ["Distribution", "probe_vectors", "hutchinson_diagonal", "gnb_diagonal"]
 
@@ -55,11 +54,10 @@ def probe_vectors(key: torch.Tensor, params: PyTree, distribution: Distribution 
     """
     check_choice("probe_vectors", "distribution", distribution, ("rademacher", "normal"))
     draw = random_keys.rademacher if distribution == "rademacher" else random_keys.normal
-    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
-        leaves, spec = optree.tree_flatten(params, namespace=NAMESPACE)
-        keys = random_keys.split(key, max(len(leaves), 1))
-        probes = [draw(keys[index], tuple(leaf.shape), dtype=leaf.dtype) for index, leaf in enumerate(leaves)]
-        return optree.tree_unflatten(spec, probes)
+    leaves, spec = tree_flatten_ordered(params)
+    keys = random_keys.split(key, max(len(leaves), 1))
+    probes = [draw(keys[index], tuple(leaf.shape), dtype=leaf.dtype) for index, leaf in enumerate(leaves)]
+    return tree_unflatten_ordered(spec, probes)
 
 
 def hutchinson_diagonal(model: Model, params: Params, batch: Any, key: torch.Tensor, *,

@@ -85,7 +85,7 @@ def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
         return 1, 1
     if len(shape) == 1:
         return int(shape[0]), 1
-    return int(shape[0]), math.prod(int(s) for s in shape[1:])
+    return int(shape[0]), math.prod([int(s) for s in shape[1:]])  # a list: torch.compile rejects a generator here
 
 
 def init_kron_factors(shape: torch.Size | tuple[int, ...], max_size: int | None, scale: float,

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, cast
 
-import optree
 import torch
 
 from fprecond import func
@@ -88,7 +87,7 @@ from fprecond.optimizers._psgd_factors import (
 from fprecond.optimizers._recipe import recipe
 from fprecond.precondition import is_due
 from fprecond.transforms import clip_by_global_norm
-from fprecond.tree import NAMESPACE, PyTree, ravel, tree_leaves, tree_map
+from fprecond.tree import PyTree, ravel, tree_flatten_ordered, tree_leaves, tree_map, tree_unflatten_ordered
 
 __all__ = ["scale_by_psgd", "psgd", "psgd_pair", "ScaleByPSGDState"]
 
@@ -121,12 +120,10 @@ def psgd_pair(updates: Updates, key: torch.Tensor, *, curvature: str = "hvp", mo
     ``h = updates`` (the gradient) for ``"whitening"``.
     """
     check_choice("psgd_pair", "curvature", curvature, CURVATURES)
-    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):  # leaf i = parameter i
-        leaves, spec = optree.tree_flatten(updates, namespace=NAMESPACE)
+    leaves, spec = tree_flatten_ordered(updates)  # leaf i = parameter i
     draws = [random_keys.normal(random_keys.fold_in(key, index), tuple(leaf.shape), dtype=leaf.dtype)
              for index, leaf in enumerate(leaves)]
-    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
-        v = optree.tree_unflatten(spec, draws)
+    v = tree_unflatten_ordered(spec, draws)
     if curvature == "whitening":
         return v, updates
     if model is None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import optree
 import torch
 
 from fprecond._validation import check_choice, check_number
@@ -35,7 +34,8 @@ from fprecond.transforms import add_decayed_weights, apply_if_finite, scale_by_l
 from fprecond.transforms.adam import bias_correction
 from fprecond.transforms.grafting import GRAFT_TYPES, counter, filtered_gradient, graft, scale_by_grafting
 from fprecond.transforms.partition import partition
-from fprecond.tree import NAMESPACE, PyTree, tree_map, tree_zeros_like
+from fprecond.tree import (PyTree, tree_flatten_ordered, tree_flatten_with_names, tree_map, tree_unflatten_ordered,
+                           tree_zeros_like)
 
 __all__ = ["scale_by_shampoo", "ScaleByShampooState", "shampoo"]
 
@@ -65,9 +65,7 @@ class ScaleByShampooState(NamedTuple):
 
 def _named_leaves(tree: PyTree) -> tuple[list[str], list[torch.Tensor], Any]:
     """``(names, leaves, treedef)`` in insertion order; names are dict keys or dotted paths."""
-    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
-        paths, leaves, treedef = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
-    return [".".join(str(part) for part in path) for path in paths], leaves, treedef
+    return tree_flatten_with_names(tree)
 
 
 def _largest_eigenvalue(matrix: torch.Tensor, iterations: int = 16) -> torch.Tensor:
@@ -218,8 +216,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
         else:
             mu, filtered = state.mu, updates
         names, gradients, _ = _named_leaves(updates)
-        with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
-            directions, treedef = optree.tree_flatten(filtered, namespace=NAMESPACE)
+        directions, treedef = tree_flatten_ordered(filtered)
         plans = [plan_of(g) for g in gradients]
 
         def new_statistics() -> dict[str, Blocks]:
@@ -278,7 +275,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
         outputs = lazy_where(step >= start, preconditioned, directions)
         new_state = ScaleByShampooState(count=step, statistics_count=statistics_count, mu=mu, statistics=statistics,
                                         roots=roots, rejected=state.rejected + rejected)
-        return optree.tree_unflatten(treedef, outputs), new_state
+        return tree_unflatten_ordered(treedef, outputs), new_state
 
     return GradientTransformation(init, update)
 

@@ -34,7 +34,7 @@ from fprecond.spectral import symmetric_eigh
 from fprecond.transforms import apply_if_finite, scale_by_learning_rate
 from fprecond.transforms.adam import bias_correction
 from fprecond.transforms.grafting import counter
-from fprecond.tree import NAMESPACE, PyTree, tree_zeros_like
+from fprecond.tree import NAMESPACE, PyTree, tree_flatten_with_names, tree_unflatten_ordered, tree_zeros_like
 
 __all__ = ["scale_by_soap", "ScaleBySoapState", "soap"]
 
@@ -71,9 +71,7 @@ Groups = tuple[tuple[torch.Tensor, ...], ...]
 
 
 def _named_leaves(tree: PyTree) -> tuple[list[str], list[torch.Tensor], Any]:
-    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
-        paths, leaves, treedef = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
-    return [".".join(str(part) for part in path) for path in paths], leaves, treedef
+    return tree_flatten_with_names(tree)
 
 
 def _project(x: torch.Tensor, modes: tuple[int, ...], basis: tuple[torch.Tensor, ...], back: bool) -> torch.Tensor:
@@ -312,11 +310,11 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float | None
         refresh_due = (count > 0) & (count % precondition_frequency == 0)
         basis, exp_avg, exp_avg_sq = lazy_where(refresh_due, refresh, (basis, exp_avg, exp_avg_sq))
 
-        new_state = ScaleBySoapState(count=count + 1, exp_avg=optree.tree_unflatten(treedef, exp_avg),
-                                     exp_avg_sq=optree.tree_unflatten(treedef, exp_avg_sq),
+        new_state = ScaleBySoapState(count=count + 1, exp_avg=tree_unflatten_ordered(treedef, exp_avg),
+                                     exp_avg_sq=tree_unflatten_ordered(treedef, exp_avg_sq),
                                      statistics={name: pack(statistics[name]) for name in names},
                                      basis={name: pack(basis[name]) for name in names})
-        return optree.tree_unflatten(treedef, directions), new_state
+        return tree_unflatten_ordered(treedef, directions), new_state
 
     return GradientTransformation(init, update)
 

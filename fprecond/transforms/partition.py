@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-import optree
 import torch
 
 from fprecond.base import GradientTransformation, OptState, Params, Updates
-from fprecond.tree import NAMESPACE, PyTree, tree_leaves
+from fprecond.tree import PyTree, tree_flatten_with_names, tree_leaves, tree_unflatten_ordered
 
 __all__ = ["partition", "Labels"]
 
@@ -24,9 +23,7 @@ Labels = PyTree | Callable[[Params], PyTree]
 def _flatten(tree: PyTree) -> tuple[list[str], list[Any], Any]:
     """``(names, leaves, treedef)`` in insertion order: a leaf's name is its dict key
     for a flat dict, its dotted path otherwise."""
-    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):
-        paths, leaves, treedef = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
-    return [".".join(str(part) for part in path) for path in paths], leaves, treedef
+    return tree_flatten_with_names(tree)
 
 
 def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) -> GradientTransformation:
@@ -97,6 +94,6 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
             inner_updates, new_state[label] = transform.update(update_groups[label], state[label], inner_params,
                                                                **extra)
             results.update(inner_updates)
-        return optree.tree_unflatten(treedef, [results[name] for name in names]), new_state
+        return tree_unflatten_ordered(treedef, [results[name] for name in names]), new_state
 
     return GradientTransformation(init, update)
