@@ -76,6 +76,14 @@ def _number(value: float | None, spec: str, scale: float = 1.0) -> str:
     return f"{value * scale:{spec}}"
 
 
+def _peak(row: dict[str, Any]) -> str:
+    """The process's peak and, in brackets, how far it rose during the run itself."""
+    text = _number(row.get("peak_mib"), ".0f")
+    if row.get("peak_above_start_mib") is not None:
+        text += f" (+{row['peak_above_start_mib']:.0f})"
+    return text
+
+
 def _with_spread(value: float | None, spread: float | None, spec: str) -> str:
     text = _number(value, spec)
     if value is not None and spread:
@@ -85,7 +93,7 @@ def _with_spread(value: float | None, spread: float | None, spec: str) -> str:
 
 def _columns(ensemble: bool) -> list[tuple[str, int, bool]]:
     columns = [("method", 22, True), ("steps", 6, False), ("step ms", 8, False), ("x SGD", 6, False),
-               ("samples/s", 10, False), ("peak MiB", 9, False), ("final acc", 12, False),
+               ("samples/s", 10, False), ("peak MiB (run)", 14, False), ("final acc", 12, False),
                ("best acc", 12, False), ("test loss", 12, False), ("to target", 14, False)]
     if ensemble:
         columns.append(("vmap x loop", 11, False))
@@ -115,7 +123,7 @@ def table_row(row: dict[str, Any], ensemble: bool) -> str:
             target += f" ({row['to_target_reached']}/{row['seeds']})"
     cells = [row["method"], _number(row.get("steps"), ".0f"), _number(row.get("step_time_s"), ".2f", 1e3),
              _number(row.get("time_ratio_to_sgd"), ".2f"), _number(row.get("samples_per_s"), ".0f"),
-             _number(row.get("peak_mib"), ".0f"),
+             _peak(row),
              _with_spread(row.get("final_accuracy"), row.get("final_accuracy_std"), ".3f"),
              _with_spread(row.get("best_accuracy"), row.get("best_accuracy_std"), ".3f"),
              _with_spread(row.get("final_test_loss"), row.get("final_test_loss_std"), ".3f"), target]
