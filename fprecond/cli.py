@@ -233,8 +233,9 @@ def _run_compare(args: argparse.Namespace) -> int:
         report = run_compare(config, show_progress=not args.no_progress and sys.stderr.isatty())
     except CompareError as error:
         return fail(str(error))
-    # Diverged methods are results; a run that crashed is a failure of the command.
-    return 0 if all(row["status"] in ("ok", "skipped") for row in report["rows"]) else 1
+    # Diverged methods are results, and so is a reference implementation that fails (its row
+    # says why); a run of fprecond's own that crashed is a failure of the command.
+    return 0 if all(row["status"] in ("ok", "skipped") for row in report["rows"] if row["reference"] is None) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,7 +30,7 @@ __all__ = ["ASDL_MAKERS", "asdl_installed", "asdl_note", "AsdlStepper"]
 ASDL_MAKERS: dict[str, tuple[str, dict[str, Any]]] = {
     "kfac": ("KfacGradientMaker", {"fisher_type": "fisher_mc"}),
     "natural_gradient": ("KfacGradientMaker", {"fisher_type": "fisher_exact"}),
-    "ekfac": ("EkfacGradientMaker", {"fisher_type": "fisher_mc"}),
+    "ekfac": ("EkfacGradientMaker", {"fisher_type": "fisher_emp"}),  # ASDL's EKFAC takes only this kind
     "unit_wise_ng": ("UnitWiseNaturalGradientMaker", {"fisher_type": "fisher_mc"}),
     "diag_ng": ("DiagNaturalGradientMaker", {"fisher_type": "fisher_mc"}),
     "shampoo": ("ShampooGradientMaker", {}),
