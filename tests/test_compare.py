@@ -189,3 +189,18 @@ def test_transformer_task_is_learnable_and_runs_kfac():
     result = train_run(task, "kfac", {}, seed=0, batch_size=32, budget=Budget(epochs=16 / 128), eval_every=100, target_accuracy=None, device=torch.device("cpu"))
     assert result["steps"] == 16 and not result["diverged"]
     assert result["losses"][-1] < result["losses"][0]
+
+
+def test_a_silent_worker_is_killed_at_the_timeout():
+    """The timeout holds even while the worker prints nothing (here: still importing torch)."""
+    import time
+
+    from fprecond.compare.runner import _worker
+
+    spec = {"task": "mlp", "data": None, "method": "sgd", "settings": {"learning_rate": 0.1}, "seed": 0,
+            "epochs": 1.0, "seconds": None, "batch_size": 64, "eval_every": 10, "target_accuracy": None,
+            "device": "cpu", "threads": 1, "members": 1, "reference": None}
+    start = time.monotonic()
+    result = _worker(spec, timeout=0.3, on_progress=lambda step, total: None)
+    assert result == {"error": "timed out after 0.3 s"}
+    assert time.monotonic() - start < 10.0

@@ -22,7 +22,7 @@ from torch import nn
 
 from fprecond.compare.methods import METHODS
 from fprecond.compare.tasks import Task
-from fprecond.compare.train import Stepper, _evaluate
+from fprecond.compare.train import Stepper, evaluate
 
 __all__ = ["ASDL_MAKERS", "asdl_installed", "asdl_note", "AsdlStepper"]
 
@@ -121,7 +121,7 @@ class AsdlStepper(Stepper):
 
     def evaluate(self) -> tuple[float, float, list[float] | None]:
         params = {name: p.detach() for name, p in self.module.named_parameters()}
-        return (*_evaluate(self.task, self.model, params, self.device), None)
+        return (*evaluate(self.task, self.model, params, self.device), None)
 
     def finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.module.parameters())

@@ -18,6 +18,8 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -147,31 +149,36 @@ def run_settings(config: CompareConfig, method: str) -> dict[str, Any]:
 
 
 def _worker(spec: dict[str, Any], timeout: float, on_progress: Callable[[int, int | None], None]) -> dict[str, Any]:
-    """Run one worker process, passing its progress lines to ``on_progress``."""
+    """Run one worker process, passing its progress lines to ``on_progress``; kill it
+    after ``timeout`` seconds (whether or not it still prints)."""
     command = [sys.executable, "-m", "fprecond.compare.worker", "--worker", json.dumps(spec)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=worker_environment())
-    deadline = time.monotonic() + timeout
     errors: list[str] = []
-    assert process.stderr is not None and process.stdout is not None
-    for line in process.stderr:
-        if line.startswith(PROGRESS_PREFIX):
-            step, total = (int(part) for part in line[len(PROGRESS_PREFIX):].split())
-            on_progress(step, None if total < 0 else total)
-        else:
-            errors.append(line)
-        if time.monotonic() > deadline:
+    with tempfile.TemporaryFile("w+") as stdout:
+        process = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                   env=worker_environment())
+        assert process.stderr is not None
+
+        def pump() -> None:  # a thread, so that a silent worker cannot block the timeout
+            assert process.stderr is not None
+            for line in process.stderr:
+                if line.startswith(PROGRESS_PREFIX):
+                    step, total = (int(part) for part in line[len(PROGRESS_PREFIX):].split())
+                    on_progress(step, None if total < 0 else total)
+                else:
+                    errors.append(line)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
             return {"error": f"timed out after {timeout:g} s"}
-    try:
-        stdout = process.stdout.read()
-        process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        return {"error": f"timed out after {timeout:g} s"}
-    return result_from_output(stdout, "".join(errors), process.returncode)
+        finally:
+            reader.join(timeout=5.0)
+        stdout.seek(0)
+        return result_from_output(stdout.read(), "".join(errors), process.returncode)
 
 
 def _progress_bar(description: str, enabled: bool):

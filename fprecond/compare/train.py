@@ -32,7 +32,7 @@ from fprecond.compare.methods import build_transform
 from fprecond.compare.tasks import Task
 from fprecond.tree import tree_map
 
-__all__ = ["Budget", "Stepper", "FunctionalStepper", "EnsembleStepper", "run_loop", "train_run", "train_ensemble",
+__all__ = ["Budget", "evaluate", "Stepper", "FunctionalStepper", "EnsembleStepper", "run_loop", "train_run", "train_ensemble",
            "batches"]
 
 # Steps left out of the step-time statistics: the first steps run one-time work
@@ -70,7 +70,7 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def _evaluate(task: Task, model: fp.Model, params: Any, device: torch.device) -> tuple[float, float]:
+def evaluate(task: Task, model: fp.Model, params: Any, device: torch.device) -> tuple[float, float]:
     inputs, targets = task.test
     with torch.no_grad():
         outputs = model.apply(params, inputs.to(device))
@@ -186,7 +186,7 @@ class FunctionalStepper(Stepper):
         return loss.detach()
 
     def evaluate(self) -> tuple[float, float, list[float] | None]:
-        return (*_evaluate(self.task, self.model, self.params, self.device), None)
+        return (*evaluate(self.task, self.model, self.params, self.device), None)
 
     def finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.params.values())
