@@ -31,6 +31,15 @@ def check_number(owner: str, name: str, value: Any, *, low: float | None = None,
         raise ValueError(f"{owner}: {name} must be {bound} {high}, got {value}")
 
 
+def check_positive_int(owner: str, name: str, value: Any, *, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int ``>= 1`` (not a bool), or None when
+    ``allow_none``: intervals, counts and sizes."""
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+
+
 def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices``, listing them."""
     choices = tuple(choices)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from fprecond import random as random_keys
-from fprecond._validation import check_number, step_counter
+from fprecond._validation import check_number, check_positive_int, step_counter
 from fprecond.base import GradientTransformation, Params, ScalarOrSchedule, Updates, require_params
 from fprecond.curvature.eigenbasis import EigenbasisEstimator, EigenbasisState
 from fprecond.curvature.estimate import CurvatureEstimator, EstimatorState
@@ -69,11 +69,6 @@ def is_due(count: torch.Tensor, every: int, warmup: int = 0) -> torch.Tensor:
     return (count % every == 0) | (count < warmup)
 
 
-def _check_interval(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"precondition: {name} must be a positive int, got {value!r}")
-
-
 def precondition(estimator: CurvatureEstimator | EigenbasisEstimator, solver: Solver | str = "cholesky", *,
                  damping: ScalarOrSchedule = 1e-3, curvature_every: int = 1, inverse_every: int = 1,
                  warmup: int = 0, kl_clip: float | None = None,
@@ -106,8 +101,8 @@ def precondition(estimator: CurvatureEstimator | EigenbasisEstimator, solver: So
                         f"got {type(estimator).__name__}")
     solver = solver_from(solver)
     check_number(owner, "damping", damping, low=0.0, low_inclusive=False, allow_schedule=True)
-    _check_interval("curvature_every", curvature_every)
-    _check_interval("inverse_every", inverse_every)
+    check_positive_int("precondition", "curvature_every", curvature_every)
+    check_positive_int("precondition", "inverse_every", inverse_every)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"{owner}: warmup must be a non-negative int, got {warmup!r}")
     if kl_clip is not None:

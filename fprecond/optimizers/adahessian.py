@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fprecond import random as random_keys
-from fprecond._validation import check_number, step_counter
+from fprecond._validation import check_number, check_positive_int, step_counter
 from fprecond.base import (
     GradientTransformation,
     Params,
@@ -110,8 +110,7 @@ def scale_by_adahessian(model: Model, *, b1: float = 0.9, b2: float = 0.999, eps
     check_number(owner, "b2", b2, low=0.0, high=1.0, high_inclusive=False)
     check_number(owner, "eps", eps, low=0.0, low_inclusive=False)
     check_number(owner, "hessian_power", hessian_power, low=0.0, high=1.0)
-    if isinstance(update_each, bool) or not isinstance(update_each, int) or update_each < 1:
-        raise ValueError(f"{owner}: update_each must be a positive int, got {update_each!r}")
+    check_positive_int(owner, "update_each", update_each)
     power = 0.5 * hessian_power
 
     def init(params: Params) -> ScaleByAdaHessianState:

@@ -63,7 +63,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fprecond._validation import check_choice, check_number, step_counter
+from fprecond._validation import check_choice, check_number, check_positive_int, step_counter
 from fprecond.base import (
     GradientTransformation,
     Params,
@@ -210,11 +210,6 @@ class ScaleByKbfgsState(NamedTuple):
     failures: torch.Tensor
 
 
-def _check_interval(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
-
-
 def scale_by_kbfgs(model: Model, *, damping: float = 0.3, ema_decay: float = 0.9, pair_decay: float = 0.9,
                    inverse_every: int = 20) -> GradientTransformation:
     """Precondition each linear layer's gradient ``∇W̃`` into ``H_g ∇W̃ H_a`` (see the module docstring).
@@ -237,7 +232,7 @@ def scale_by_kbfgs(model: Model, *, damping: float = 0.3, ema_decay: float = 0.9
     check_number(owner, "damping", damping, low=0.0, low_inclusive=False)
     check_number(owner, "ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
     check_number(owner, "pair_decay", pair_decay, low=0.0, high=1.0, high_inclusive=False)
-    _check_interval(owner, "inverse_every", inverse_every)
+    check_positive_int(owner, "inverse_every", inverse_every)
     tapped = _tapped(model, layers)
     root = math.sqrt(damping)
 

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from fprecond._validation import check_choice, check_number
+from fprecond._validation import check_choice, check_number, check_positive_int
 from fprecond.base import (
     GradientTransformation,
     Params,
@@ -97,8 +97,7 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int =
     """
     owner = "scale_by_muon"
     check_number(owner, "momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
-    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
-        raise ValueError(f"{owner}: ns_steps must be a positive int, got {ns_steps!r}")
+    check_positive_int(owner, "ns_steps", ns_steps)
     check_choice(owner, "scale", scale, SCALES)
     if not isinstance(nesterov, bool):
         raise TypeError(f"{owner}: nesterov must be a bool, got {type(nesterov).__name__}")

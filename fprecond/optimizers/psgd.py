@@ -61,7 +61,7 @@ import torch
 
 from fprecond import func
 from fprecond import random as random_keys
-from fprecond._validation import check_choice, check_number, step_counter
+from fprecond._validation import check_choice, check_number, check_positive_int, step_counter
 from fprecond.base import (
     GradientTransformation,
     Params,
@@ -132,11 +132,6 @@ def psgd_pair(updates: Updates, key: torch.Tensor, *, curvature: str = "hvp", mo
     return v, func.hvp(model, require_params("psgd_pair", params), batch, cast(dict, v))
 
 
-def _check_size(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"scale_by_psgd: {name} must be a positive int, got {value!r}")
-
-
 def _first_scale(v: torch.Tensor, h: torch.Tensor, whitening: bool) -> torch.Tensor:
     """Li's on-the-fly initial scale from the first pair (see :func:`pair_scale`)."""
     if whitening:  # Li uses the number of entries (E[vᵀv]) in place of vᵀv here
@@ -178,10 +173,10 @@ def scale_by_psgd(model: Model | None = None, *, variant: str = "kron", curvatur
     check_number(name, "precond_lr", precond_lr, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
     if init_scale is not None:
         check_number(name, "init_scale", init_scale, low=0.0, low_inclusive=False)
-    _check_size("update_interval", update_interval)
+    check_positive_int("scale_by_psgd", "update_interval", update_interval)
     check_number(name, "update_probability", update_probability, low=0.0, high=1.0, low_inclusive=False)
     if max_size is not None:
-        _check_size("max_size", max_size)
+        check_positive_int("scale_by_psgd", "max_size", max_size)
     if curvature == "hvp" and not isinstance(model, Model):
         raise TypeError(f"{name}: curvature='hvp' needs model= (a fprecond.Model), got {type(model).__name__}")
     whitening = curvature == "whitening"

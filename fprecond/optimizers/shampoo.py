@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fprecond._validation import check_choice, check_number
+from fprecond._validation import check_choice, check_number, check_positive_int
 from fprecond.base import GradientTransformation, Params, ScalarOrSchedule, Updates, named_chain
 from fprecond.lazy import lazy_where
 from fprecond.optimizers._blocking import BlockPlan, mode_product, mode_statistics, plan_blocks
@@ -61,11 +61,6 @@ class ScaleByShampooState(NamedTuple):
     statistics: dict[str, Blocks]
     roots: dict[str, Blocks]
     rejected: torch.Tensor
-
-
-def _named_leaves(tree: PyTree) -> tuple[list[str], list[torch.Tensor], Any]:
-    """``(names, leaves, treedef)`` in insertion order; names are dict keys or dotted paths."""
-    return tree_flatten_with_names(tree)
 
 
 def _largest_eigenvalue(matrix: torch.Tensor, iterations: int = 16) -> torch.Tensor:
@@ -150,14 +145,10 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
     for name, value in (("max_preconditioner_dim", max_preconditioner_dim),
                         ("precondition_frequency", precondition_frequency),
                         ("statistics_every", statistics_every), ("newton_iterations", newton_iterations)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
+        check_positive_int(owner, name, value)
+    check_positive_int(owner, "start_preconditioning_step", start_preconditioning_step, allow_none=True)
     start = precondition_frequency if start_preconditioning_step is None else start_preconditioning_step
-    if isinstance(start, bool) or not isinstance(start, int) or start < 1:
-        raise ValueError(f"{owner}: start_preconditioning_step must be an int >= 1 or None, got {start!r}")
-    if root_override is not None and (isinstance(root_override, bool) or not isinstance(root_override, int)
-                                      or root_override < 1):
-        raise ValueError(f"{owner}: root_override must be an int >= 1 or None, got {root_override!r}")
+    check_positive_int(owner, "root_override", root_override, allow_none=True)
     if method == "newton" and exponent_multiplier != 1.0 and root_override is None:
         raise ValueError(f"{owner}: method='newton' needs an integer root: exponent_multiplier must be 1.0 "
                          f"(got {exponent_multiplier}) or root_override set")
@@ -188,7 +179,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
         return inverse_root_newton(matrix, root_override or 2 * order, damping, iterations=newton_iterations)
 
     def init(params: Params) -> ScaleByShampooState:
-        names, leaves, _ = _named_leaves(params)
+        names, leaves, _ = tree_flatten_with_names(params)
         statistics: dict[str, Blocks] = {}
         roots: dict[str, Blocks] = {}
         for name, leaf in zip(names, leaves):
@@ -215,7 +206,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
             filtered = tree_map(lambda _, pair: pair[1], updates, pairs)
         else:
             mu, filtered = state.mu, updates
-        names, gradients, _ = _named_leaves(updates)
+        names, gradients, _ = tree_flatten_with_names(updates)
         directions, treedef = tree_flatten_ordered(filtered)
         plans = [plan_of(g) for g in gradients]
 

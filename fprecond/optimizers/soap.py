@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from fprecond._validation import check_number
+from fprecond._validation import check_number, check_positive_int
 from fprecond.base import GradientTransformation, Params, ScalarOrSchedule, Updates, named_chain
 from fprecond.lazy import lazy_where
 from fprecond.optimizers._blocking import BlockPlan, merge_small_dims, mode_product, mode_statistics, plan_blocks
@@ -68,10 +68,6 @@ class ScaleBySoapState(NamedTuple):
 
 Groups = tuple[tuple[torch.Tensor, ...], ...]
 """Per block group, per mode: a ``(B, d, d)`` batch (the internal layout)."""
-
-
-def _named_leaves(tree: PyTree) -> tuple[list[str], list[torch.Tensor], Any]:
-    return tree_flatten_with_names(tree)
 
 
 def _project(x: torch.Tensor, modes: tuple[int, ...], basis: tuple[torch.Tensor, ...], back: bool) -> torch.Tensor:
@@ -159,11 +155,8 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float | None
     check_number(owner, "eps", eps, low=0.0)
     for name, value in (("precondition_frequency", precondition_frequency), ("max_precond_dim", max_precond_dim),
                         ("statistics_every", statistics_every)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                   or block_size < 1):
-        raise ValueError(f"{owner}: block_size must be an int >= 1 or None, got {block_size!r}")
+        check_positive_int(owner, name, value)
+    check_positive_int(owner, "block_size", block_size, allow_none=True)
     blocked = block_size is not None
     plans: dict[tuple[int, ...], BlockPlan] = {}
 
@@ -195,7 +188,7 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float | None
         return groups if blocked else tuple(f[0] for f in groups[0])
 
     def init(params: Params) -> ScaleBySoapState:
-        names, leaves, _ = _named_leaves(params)
+        names, leaves, _ = tree_flatten_with_names(params)
         statistics, basis = {}, {}
         for name, leaf in zip(names, leaves):
             plan = plan_of(leaf)
@@ -209,9 +202,9 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float | None
     def update(updates: Updates, state: ScaleBySoapState, params: Params | None = None, **extra: Any):
         del params, extra
         count = state.count
-        names, gradients, treedef = _named_leaves(updates)
-        exp_avg = _named_leaves(state.exp_avg)[1]
-        exp_avg_sq = _named_leaves(state.exp_avg_sq)[1]
+        names, gradients, treedef = tree_flatten_with_names(updates)
+        exp_avg = tree_flatten_with_names(state.exp_avg)[1]
+        exp_avg_sq = tree_flatten_with_names(state.exp_avg_sq)[1]
         leaf_plans = [plan_of(g) for g in gradients]
         old_statistics = {name: unpack(state.statistics[name]) for name in names}
         old_basis = {name: unpack(state.basis[name]) for name in names}

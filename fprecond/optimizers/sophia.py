@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fprecond import random as random_keys
-from fprecond._validation import check_choice, check_number, step_counter
+from fprecond._validation import check_choice, check_number, check_positive_int, step_counter
 from fprecond.base import (
     GradientTransformation,
     Params,
@@ -82,11 +82,6 @@ class ScaleBySophiaState(NamedTuple):
     refreshes: torch.Tensor
 
 
-def _check_interval(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
-
-
 def scale_by_sophia(model: Model, *, estimator: str = "gnb", b1: float = 0.965, b2: float = 0.99,
                     rho: float = 0.04, eps: float = 1e-15, update_interval: int = 10) -> GradientTransformation:
     """Sophia's direction ``clip(m / max(ρ·h, ε), -1, 1)`` (see the module docstring).
@@ -115,7 +110,7 @@ def scale_by_sophia(model: Model, *, estimator: str = "gnb", b1: float = 0.965, 
     check_number(owner, "b2", b2, low=0.0, high=1.0, high_inclusive=False)
     check_number(owner, "rho", rho, low=0.0, low_inclusive=False)
     check_number(owner, "eps", eps, low=0.0, low_inclusive=False)
-    _check_interval(owner, "update_interval", update_interval)
+    check_positive_int(owner, "update_interval", update_interval)
 
     def init(params: Params) -> ScaleBySophiaState:
         count = step_counter(owner, params)
