@@ -11,10 +11,11 @@ from typing import Callable
 import pytest
 import torch
 from torch import nn
+from torch.func import vmap
 
 import fprecond as fp
 from fprecond.datasets import digits
-from fprecond.tree import ravel, tree_map
+from fprecond.tree import ravel, tree_leaves, tree_map
 
 # --------------------------------------------------------------------------- models
 
@@ -226,3 +227,56 @@ def train_digits(make, steps: int = 40, batch_size: int = 64) -> float:
         updates, state = transform.update(grads, state, params, batch=batch, key=key)
         params = fp.apply_updates(params, updates)
     return float(md.batch_loss(params, (train_x, train_y)))
+
+
+# --------------------------------------------------------------------------- ensembles
+
+
+def _assert_leaves_close(batched, looped, rtol: float, atol: float) -> None:
+    for a, b in zip(tree_leaves(batched), tree_leaves(looped), strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def train_steps(md: fp.Model, transform, params, batch, key=None, steps: int = 3):
+    """``(params, state)`` after ``steps`` steps of ``transform`` on one batch, from its ``init``."""
+    state = transform.init(params)
+    for _ in range(steps):
+        _, grads = fp.loss_and_grads(md, params, batch)
+        updates, state = transform.update(grads, state, params, batch=batch, key=key)
+        params = fp.apply_updates(params, updates)
+    return params, state
+
+
+def assert_ensemble_matches_loop(md: fp.Model, transform, members, batch, *, key=None, keys=None, steps: int = 3,
+                                 rtol: float = 1e-8, atol: float = 1e-10):
+    """Train ``members`` (a list of parameter dicts) under ``vmap`` and in a Python loop, with
+    one shared ``key`` or one key per member (``keys``, stacked); assert every leaf of the
+    final ``(params, state)`` agrees and return ``(batched, looped)`` for further checks."""
+    if keys is None:
+        looped = stack_trees([train_steps(md, transform, p, batch, key, steps) for p in members])
+        batched = vmap(lambda p: train_steps(md, transform, p, batch, key, steps))(stack_trees(members))
+    else:
+        looped = stack_trees([train_steps(md, transform, p, batch, k, steps) for p, k in zip(members, keys)])
+        batched = vmap(lambda p, k: train_steps(md, transform, p, batch, k, steps))(stack_trees(members), keys)
+    _assert_leaves_close(batched, looped, rtol, atol)
+    return batched, looped
+
+
+def assert_gradient_ensemble_matches_loop(transform, members, member_grads, *, rtol: float = 1e-8,
+                                          atol: float = 1e-10):
+    """As :func:`assert_ensemble_matches_loop` for a transform fed given gradients:
+    ``member_grads[i]`` is member ``i``'s list of gradient trees, one per step."""
+
+    def train(params, grads):
+        state = transform.init(params)
+        for g in grads:
+            updates, state = transform.update(g, state, params)
+            params = fp.apply_updates(params, updates)
+        return params, state
+
+    steps = len(member_grads[0])
+    looped = stack_trees([train(p, g) for p, g in zip(members, member_grads)])
+    per_step = [stack_trees([grads[s] for grads in member_grads]) for s in range(steps)]
+    batched = vmap(train)(stack_trees(members), per_step)
+    _assert_leaves_close(batched, looped, rtol, atol)
+    return batched, looped

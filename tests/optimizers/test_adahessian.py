@@ -8,14 +8,13 @@ import importlib
 import pytest
 import torch
 from torch import nn
-from torch.func import vmap
 
 import fprecond as fp
 from fprecond.curvature.hutchinson import probe_vectors
 from fprecond.optimizers.adahessian import adahessian, scale_by_adahessian, spatial_average
-from fprecond.tree import ravel, tree_leaves, tree_map
+from fprecond.tree import ravel, tree_map
 
-from tests.helpers import assert_relative_close, dense_hessian, make_problem, stack_trees, train_digits
+from tests.helpers import assert_ensemble_matches_loop, assert_relative_close, dense_hessian, make_problem, train_digits
 
 adahessian_module = importlib.import_module("fprecond.optimizers.adahessian")  # the module, not the recipe it exports
 
@@ -164,19 +163,7 @@ def test_ensemble_under_vmap_equals_loop_with_keys():
     transform = adahessian(md, 0.1, update_each=2, weight_decay=0.01)
     members = [make_problem("cnn", ("cross_entropy", "mean"), seed=s)[1] for s in range(3)]
     keys = torch.stack([fp.random.key(s) for s in range(3)])
-
-    def train(params, key, steps=3):
-        state = transform.init(params)
-        for _ in range(steps):
-            _, grads = fp.loss_and_grads(md, params, batch)
-            updates, state = transform.update(grads, state, params, batch=batch, key=key)
-            params = fp.apply_updates(params, updates)
-        return params, state
-
-    looped = stack_trees([train(p, k) for p, k in zip(members, keys)])
-    batched = vmap(train)(stack_trees(members), keys)
-    for a, b in zip(tree_leaves(batched), tree_leaves(looped)):
-        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    assert_ensemble_matches_loop(md, transform, members, batch, keys=keys, steps=3)
 
 
 def test_trains_digits_below_sgd():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.func import vmap
 
 import fprecond as fp
 from fprecond.layers import flat_index_matrix, form_of
@@ -14,12 +13,12 @@ from fprecond.tree import ravel, tree_leaves
 
 from tests.curvature.references import block_mask, brute_force_kron, layer_groups, param_offsets, unit_groups
 from tests.helpers import (
+    assert_ensemble_matches_loop,
     assert_relative_close,
     dense_empirical_fisher,
     dense_ggn,
     dense_hessian,
     make_problem,
-    stack_trees,
     train_digits,
 )
 
@@ -208,21 +207,8 @@ def test_ensemble_under_vmap_equals_loop(name):
     # moments in a degenerate eigenspace would depend on the eigensolver's choice).
     md, _, batch = make_problem("mlp", ("cross_entropy", "mean"), n=16)
     transform = recipe_factories(batch[0])[name](md)
-    key = fp.random.key(5)
     members = [make_problem("mlp", ("cross_entropy", "mean"), seed=s)[1] for s in range(3)]
-
-    def train(params, steps=3):
-        state = transform.init(params)
-        for _ in range(steps):
-            _, grads = fp.loss_and_grads(md, params, batch)
-            updates, state = transform.update(grads, state, params, batch=batch, key=key)
-            params = fp.apply_updates(params, updates)
-        return params, state
-
-    looped = stack_trees([train(p) for p in members])
-    batched = vmap(train)(stack_trees(members))
-    for a, b in zip(tree_leaves(batched), tree_leaves(looped)):
-        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    assert_ensemble_matches_loop(md, transform, members, batch, key=fp.random.key(5), steps=3)
 
 
 # --------------------------------------------------------------------------- training

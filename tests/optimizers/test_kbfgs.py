@@ -9,15 +9,15 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 import fprecond as fp
 from fprecond.optimizers.kbfgs import kbfgs, layer_statistics, scale_by_kbfgs
-from fprecond.solvers.bfgs import POWELL, bfgs_inverse_update, double_damping
+from fprecond.solvers.bfgs import bfgs_inverse_update, double_damping, POWELL
 from fprecond.transforms.scaling import scale
 from fprecond.tree import tree_leaves, tree_map
 
-from tests.helpers import make_problem, random_like, reference_loss, stack_trees, train_digits
+from tests.helpers import assert_ensemble_matches_loop, make_problem, random_like, reference_loss, train_digits
 
 LAMBDA = 0.3
 MU2 = math.sqrt(LAMBDA)
@@ -365,19 +365,7 @@ def test_ensemble_under_vmap_equals_loop():
     md, _, batch = make_problem("mlp", ("cross_entropy", "mean"), n=16)
     transform = kbfgs(md, inverse_every=2)
     members = [make_problem("mlp", ("cross_entropy", "mean"), seed=s)[1] for s in range(3)]
-
-    def train(params, steps=4):
-        state = transform.init(params)
-        for _ in range(steps):
-            _, grads = fp.loss_and_grads(md, params, batch)
-            updates, state = transform.update(grads, state, params, batch=batch)
-            params = fp.apply_updates(params, updates)
-        return params, state
-
-    looped = stack_trees([train(p) for p in members])
-    batched = vmap(train)(stack_trees(members))
-    for a, b in zip(tree_leaves(batched), tree_leaves(looped)):
-        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    _, looped = assert_ensemble_matches_loop(md, transform, members, batch, steps=4)
     inner = looped[1].inner_state["precondition"]["kbfgs"]
     assert int(inner.skipped.sum()) == 0
     assert all(not torch.allclose(h, torch.eye(h.shape[-1]).expand_as(h)) for h in inner.h_g.values())

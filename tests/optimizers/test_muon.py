@@ -9,13 +9,12 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.func import vmap
 
 import fprecond as fp
 from fprecond.optimizers.muon import muon, muon_labels, scale_by_muon
-from fprecond.tree import ravel, tree_leaves, tree_map
+from fprecond.tree import ravel, tree_map
 
-from tests.helpers import assert_relative_close, make_problem, stack_trees, train_digits
+from tests.helpers import assert_ensemble_matches_loop, assert_relative_close, make_problem, train_digits
 
 QUINTIC = (3.4445, -4.7750, 2.0315)
 
@@ -227,19 +226,7 @@ def test_ensemble_under_vmap_equals_loop():
     md, _, batch = make_problem("mlp", ("cross_entropy", "mean"), n=8)
     transform = muon(md, weight_decay=0.01, adamw_learning_rate=1e-2, adamw_weight_decay=0.01)
     members = [make_problem("mlp", ("cross_entropy", "mean"), seed=s)[1] for s in range(3)]
-
-    def train(params, steps=3):
-        state = transform.init(params)
-        for _ in range(steps):
-            _, grads = fp.loss_and_grads(md, params, batch)
-            updates, state = transform.update(grads, state, params)
-            params = fp.apply_updates(params, updates)
-        return params, state
-
-    looped = stack_trees([train(p) for p in members])
-    batched = vmap(train)(stack_trees(members))
-    for a, b in zip(tree_leaves(batched), tree_leaves(looped)):
-        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    assert_ensemble_matches_loop(md, transform, members, batch, steps=3)
 
 
 def test_trains_digits_below_sgd():

@@ -9,15 +9,13 @@ import itertools
 
 import pytest
 import torch
-from torch.func import vmap
 
 import fprecond as fp
 from fprecond.optimizers import _blocking
 from fprecond.optimizers._blocking import merge_small_dims, plan_blocks
 from fprecond.optimizers.shampoo import scale_by_shampoo, shampoo
-from fprecond.tree import tree_leaves
 
-from tests.helpers import assert_relative_close, stack_trees, train_digits
+from tests.helpers import assert_gradient_ensemble_matches_loop, assert_relative_close, train_digits
 
 shampoo_module = importlib.import_module("fprecond.optimizers.shampoo")  # the module, not the recipe it exports
 
@@ -347,19 +345,7 @@ def test_ensemble_under_vmap_equals_loop():
                   weight_decay=0.01)
     members = [make_params(seed) for seed in range(3)]
     member_grads = [make_grads(members[0], 4, seed=20 + i) for i in range(3)]
-
-    def train(params, grads):
-        state = opt.init(params)
-        for g in grads:
-            updates, state = opt.update(g, state, params)
-            params = fp.apply_updates(params, updates)
-        return params, state
-
-    looped = stack_trees([train(p, g) for p, g in zip(members, member_grads)])
-    batched = vmap(train)(stack_trees(members), [stack_trees([member_grads[i][s] for i in range(3)])
-                                                 for s in range(4)])
-    for a, b in zip(tree_leaves(batched), tree_leaves(looped)):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert_gradient_ensemble_matches_loop(opt, members, member_grads)
 
 
 # --------------------------------------------------------------------------- training

@@ -8,13 +8,11 @@ import itertools
 
 import pytest
 import torch
-from torch.func import vmap
 
 import fprecond as fp
 from fprecond.optimizers.soap import scale_by_soap, soap
-from fprecond.tree import tree_leaves
 
-from tests.helpers import assert_relative_close, stack_trees, train_digits
+from tests.helpers import assert_gradient_ensemble_matches_loop, assert_relative_close, train_digits
 
 
 def project(x: torch.Tensor, bases: list[torch.Tensor | None], back: bool) -> torch.Tensor:
@@ -224,19 +222,7 @@ def test_ensemble_under_vmap_equals_loop():
     opt = soap(1e-2, precondition_frequency=2, precondition_1d=True)
     members = [make_params(seed) for seed in range(3)]
     member_grads = [make_grads(members[0], 5, seed=20 + i) for i in range(3)]
-
-    def train(params, grads):
-        state = opt.init(params)
-        for g in grads:
-            updates, state = opt.update(g, state, params)
-            params = fp.apply_updates(params, updates)
-        return params, state
-
-    looped = stack_trees([train(p, g) for p, g in zip(members, member_grads)])
-    batched = vmap(train)(stack_trees(members), [stack_trees([member_grads[i][s] for i in range(3)])
-                                                 for s in range(5)])
-    for a, b in zip(tree_leaves(batched), tree_leaves(looped)):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert_gradient_ensemble_matches_loop(opt, members, member_grads)
 
 
 def test_trains_digits_below_sgd():
@@ -411,19 +397,7 @@ def test_block_size_ensemble_under_vmap_equals_loop():
                 "kernel": torch.randn(4, 5, 2, generator=torch.Generator().manual_seed(seed + 10)),
                 "bias": torch.randn(7, generator=torch.Generator().manual_seed(seed + 20))} for seed in range(3)]
     member_grads = [make_grads(members[0], 5, seed=20 + i) for i in range(3)]
-
-    def train(params, grads):
-        state = opt.init(params)
-        for g in grads:
-            updates, state = opt.update(g, state, params)
-            params = fp.apply_updates(params, updates)
-        return params, state
-
-    looped = stack_trees([train(p, g) for p, g in zip(members, member_grads)])
-    batched = vmap(train)(stack_trees(members), [stack_trees([member_grads[i][s] for i in range(3)])
-                                                 for s in range(5)])
-    for a, b in zip(tree_leaves(batched), tree_leaves(looped)):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert_gradient_ensemble_matches_loop(opt, members, member_grads)
 
 
 def test_block_size_trains_digits_below_sgd():

@@ -7,21 +7,20 @@ import importlib
 
 import pytest
 import torch
-from torch.func import vmap
 
 import fprecond as fp
 from fprecond.curvature.hutchinson import probe_vectors
 from fprecond.optimizers.sophia import scale_by_sophia, sophia
-from fprecond.tree import ravel, tree_leaves, tree_map
+from fprecond.tree import ravel, tree_map
 
 from tests.helpers import (
+    assert_ensemble_matches_loop,
     assert_relative_close,
     dense_hessian,
     flat_function,
     make_problem,
     reference_loss,
     reference_reduction_factor,
-    stack_trees,
     train_digits,
 )
 
@@ -158,19 +157,7 @@ def test_ensemble_under_vmap_equals_loop_with_keys(estimator):
     transform = sophia(md, 0.05, estimator=estimator, update_interval=2)
     members = [make_problem("mlp", ("cross_entropy", "mean"), seed=s)[1] for s in range(3)]
     keys = torch.stack([fp.random.key(s) for s in range(3)])
-
-    def train(params, key, steps=4):
-        state = transform.init(params)
-        for _ in range(steps):
-            _, grads = fp.loss_and_grads(md, params, batch)
-            updates, state = transform.update(grads, state, params, batch=batch, key=key)
-            params = fp.apply_updates(params, updates)
-        return params, state
-
-    looped = stack_trees([train(p, k) for p, k in zip(members, keys)])
-    batched = vmap(train)(stack_trees(members), keys)
-    for a, b in zip(tree_leaves(batched), tree_leaves(looped)):
-        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    batched, _ = assert_ensemble_matches_loop(md, transform, members, batch, keys=keys, steps=4)
     # Different keys gave different estimates: the members are not copies of one run.
     hessians = batched[1].inner_state["sophia"].hessian["0.weight"]
     assert not torch.allclose(hessians[0], hessians[1])

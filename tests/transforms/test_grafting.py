@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import vmap
 
 import fprecond as fp
 from fprecond.transforms.grafting import filtered_gradient, graft, safe_norm, scale_by_grafting
-from fprecond.tree import tree_leaves
 
-from tests.helpers import stack_trees
+from tests.helpers import assert_gradient_ensemble_matches_loop
 
 
 def make_params(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -136,19 +134,7 @@ def test_ensemble_under_vmap_equals_loop():
     opt = graft(scale_by_grafting("adam", b1=0.9, nesterov=True), scale_by_grafting("adagrad"), warmup=1)
     members = [make_params(seed) for seed in range(3)]
     member_grads = [make_grads(3, seed=10 + i) for i in range(3)]
-
-    def train(params, grads):
-        state = opt.init(params)
-        for g in grads:
-            updates, state = opt.update(g, state, params)
-            params = fp.apply_updates(params, updates)
-        return params, state
-
-    looped = stack_trees([train(p, g) for p, g in zip(members, member_grads)])
-    batched = vmap(train)(stack_trees(members), [stack_trees([member_grads[i][s] for i in range(3)])
-                                                 for s in range(3)])
-    for a, b in zip(tree_leaves(batched), tree_leaves(looped)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_gradient_ensemble_matches_loop(opt, members, member_grads, rtol=1e-10, atol=1e-12)
 
 
 def test_empty_parameter_tree_is_allowed():
