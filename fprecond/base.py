@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 import torch
 
+from fprecond._validation import check_parameters, check_updates
 from fprecond.tree import PyTree, tree_map
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "apply_updates",
     "require_extras",
     "require_params",
+    "validated",
 ]
 
 Params = PyTree
@@ -178,3 +180,25 @@ def require_params(transform_name: str, params: Params | None) -> Params:
     if params is None:
         raise TypeError(f"{transform_name}.update() needs the current parameters: call update(grads, state, params)")
     return params
+
+
+def validated(name: str, transform: GradientTransformation) -> GradientTransformation:
+    """``transform`` with its inputs checked, for recipes (the outermost transform a user calls).
+
+    ``init`` rejects parameters that are not real floating-point tensors on one device
+    (:func:`fprecond._validation.check_parameters`); ``update`` rejects gradients whose
+    tree structure, shapes or dtypes differ from the parameters' when ``params`` is
+    given (:func:`fprecond._validation.check_updates`). Errors name ``name`` and the
+    parameter at fault and come before any computation. The checks depend on shapes
+    and dtypes only, so ``vmap`` and ``torch.compile`` see the same function.
+    """
+    def init(params: Params) -> OptState:
+        check_parameters(name, params)
+        return transform.init(params)
+
+    def update(updates: Updates, state: OptState, params: Params | None = None, **extra: Any):
+        if params is not None:
+            check_updates(name, updates, params)
+        return transform.update(updates, state, params, **extra)
+
+    return GradientTransformation(init, update)

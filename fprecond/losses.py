@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 
 from fprecond import random as fprandom
-from fprecond._validation import check_choice
+from fprecond._validation import check_choice, inspectable_values
 
 __all__ = ["Loss", "CrossEntropyLoss", "MSELoss", "cross_entropy", "mse", "Reduction"]
 
@@ -151,6 +151,14 @@ class CrossEntropyLoss(Loss):
             )
         if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise ValueError(f"cross_entropy: targets must be integer class indices, got dtype {targets.dtype}")
+        values = inspectable_values(targets)
+        if values is not None and values.numel():
+            classes = outputs.shape[-1]
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high >= classes:
+                bad = low if low < 0 else high
+                raise ValueError(f"cross_entropy: class index {bad} is out of range for outputs with {classes} "
+                                 f"classes (targets must lie in [0, {classes}))")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -134,7 +134,29 @@ def unpack_batch(batch: Any) -> tuple[Any, torch.Tensor]:
     """Split ``batch`` into ``(inputs, targets)`` with a clear error otherwise."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(f"batch must be a pair (inputs, targets), got {type(batch).__name__}")
-    return batch[0], batch[1]
+    inputs, targets = batch
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"batch: targets must be a tensor, got {type(targets).__name__}")
+    if isinstance(inputs, torch.Tensor) and (inputs.dim() == 0 or targets.dim() == 0
+                                             or inputs.shape[0] != targets.shape[0]):
+        raise ValueError(f"batch: inputs of shape {tuple(inputs.shape)} and targets of shape {tuple(targets.shape)} "
+                         "must have the same number of examples along their first dimension")
+    return inputs, targets
+
+
+def _reject_parallel_wrappers(module: nn.Module) -> None:
+    """Refuse DDP, DataParallel and FSDP wrappers: their gradient hooks never see the
+    gradients ``torch.func`` takes, so their all-reduce would silently not happen."""
+    names = {cls.__name__ for cls in type(module).__mro__}
+    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise TypeError(f"model: got a module wrapped in {type(module).__name__}; pass the plain module "
+                        "(fprecond.model(wrapped.module, loss)) and average gradients with the transform "
+                        "fprecond.distributed.all_reduce_gradients(comm): fprecond differentiates with torch.func, "
+                        "which the wrapper's all-reduce hooks never see")
+    if names & {"FullyShardedDataParallel", "FSDPModule"}:
+        raise TypeError("model: FSDP-sharded modules are not supported (each process would see only its shard of "
+                        "the parameters); use the plain module with data-parallel training "
+                        "(fprecond.distributed)")
 
 
 def model(module: nn.Module, loss: Loss) -> Model:
@@ -147,6 +169,7 @@ def model(module: nn.Module, loss: Loss) -> Model:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"model: module must be a torch.nn.Module, got {type(module).__name__}")
+    _reject_parallel_wrappers(module)
     if not isinstance(loss, Loss):
         raise TypeError(
             f"model: loss must be an fprecond loss (fprecond.losses.cross_entropy() or mse()), got {type(loss).__name__}"

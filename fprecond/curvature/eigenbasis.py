@@ -83,6 +83,7 @@ class EigenbasisEstimator:
         check_number("ekfac", "decay", self.decay, low=0.0, high=1.0, high_inclusive=False)
         if isinstance(self.basis_every, bool) or not isinstance(self.basis_every, int) or self.basis_every < 1:
             raise ValueError(f"ekfac: basis_every must be a positive int, got {self.basis_every!r}")
+        self.kron  # checks kind, approx, samples and the model's layers at construction, not at the first step
 
     @property
     def kron(self) -> CurvatureEstimator:

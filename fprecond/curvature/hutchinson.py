@@ -89,9 +89,10 @@ def gnb_diagonal(model: Model, params: Params, batch: Any, key: torch.Tensor, *,
     module docstring). The batch's own targets are not used. One forward pass, the
     sampled targets, and one pullback of ``∂L/∂f`` at them.
     """
-    inputs, _ = unpack_batch(batch)
+    inputs, targets = unpack_batch(batch)
     outputs, pullback = vjp(lambda p: model.apply(p, inputs, buffers), params)[:2]
     fixed = outputs.detach()
+    model.loss.check(fixed, targets)  # unused here, but a batch that does not fit the loss is a bug upstream
     sampled = model.loss.sample_targets(fixed, key)
     (sampled_gradient,) = pullback(model.loss.output_gradient(fixed, sampled))
     factor = float(model.loss.reduction_factor(fixed))

@@ -75,6 +75,16 @@ def plan_blocks(model: Model, kind: str, structure: str, approx: str = "expand",
     if structure == "full":
         return (BlockPlan("dense", model.param_names, tuple(shapes[n] for n in model.param_names)),)
 
+    if structure in ("kron", "unit") and not model.layers:
+        # Falling back to diagonal blocks for every parameter would silently turn K-FAC into
+        # a diagonal method; a model without a single supported layer is almost surely a
+        # custom module the user expects to be covered.
+        raise ValueError(
+            f"{owner}: structure {structure!r} needs at least one supported layer "
+            f"({', '.join(sorted(t.__name__ for t in SUPPORTED_LAYERS))}), but the model's parameters "
+            f"{list(model.unsupported)} all belong to other modules; use structure 'diag', 'layer' or 'full', or "
+            "build the model from supported layers"
+        )
     plans: list[BlockPlan] = []
     for layer in model.layers:
         form = form_of(layer)

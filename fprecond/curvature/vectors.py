@@ -46,6 +46,9 @@ def cotangents(kind: str, loss: Loss, targets: torch.Tensor, *, key: torch.Tenso
     """``outputs -> (K, *outputs.shape)`` for a Gauss-Newton-family ``kind`` (see module docstring)."""
 
     def build(outputs: torch.Tensor) -> torch.Tensor:
+        # Every kind checks the batch's targets, also those that do not read them (the
+        # GGN, sampled Fisher): a batch that does not fit the loss is a bug upstream.
+        loss.check(outputs, targets)
         factor = loss.reduction_factor(outputs)
         if kind in ("ggn", "fisher"):
             root = loss.hessian_sqrt(outputs)  # (N, [T,] C, C)

@@ -4,7 +4,7 @@ and a guard that skips non-finite steps."""
 from __future__ import annotations
 
 from fprecond._validation import check_number
-from fprecond.base import GradientTransformation, ScalarOrSchedule, named_chain
+from fprecond.base import GradientTransformation, ScalarOrSchedule, named_chain, validated
 from fprecond.transforms import add_decayed_weights, apply_if_finite, scale_by_learning_rate, trace
 
 __all__ = ["recipe"]
@@ -17,7 +17,8 @@ def recipe(name: str, preconditioner: GradientTransformation, *, learning_rate: 
     Weight decay is added to the gradient before preconditioning (an L2 term, as
     K-FAC implementations do), momentum acts on the preconditioned direction, and
     a step whose gradient or update is not finite is skipped (zero update, state
-    kept, counted in ``state.skipped``). The preconditioner's state is
+    kept, counted in ``state.skipped``). Parameters and gradients are checked first
+    (:func:`fprecond.base.validated`). The preconditioner's state is
     ``state.inner_state["precondition"]``.
     """
     check_number(name, "momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
@@ -30,4 +31,4 @@ def recipe(name: str, preconditioner: GradientTransformation, *, learning_rate: 
     if momentum:
         links.append(("momentum", trace(momentum)))
     links.append(("learning_rate", scale_by_learning_rate(learning_rate)))
-    return apply_if_finite(named_chain(*links))
+    return validated(name, apply_if_finite(named_chain(*links)))
