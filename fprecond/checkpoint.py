@@ -9,7 +9,9 @@ classes, so loading it runs no code from the file. It holds
   insertion order), written like Python accessors, e.g.
   ``.inner_state['precondition'].estimator.curvature.blocks[0].input_factor``;
 - ``shapes`` and ``dtypes`` (``"float32"``...) of those leaves;
-- ``tensors``: a flat dict path -> tensor.
+- ``tensors``: a flat dict path -> tensor;
+- ``checksums``: the CRC-32 of each tensor's bytes (from version 2), so that a file
+  damaged on disk or in transfer is rejected instead of loaded with wrong values.
 
 The tree's classes are not stored: :func:`load_state` rebuilds the values into
 the structure of a template (``like``), e.g. ``transform.init(params)`` or
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,8 @@ from fprecond.tree import NAMESPACE, PyTree
 
 __all__ = ["save_state", "load_state", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1 files have no checksums
 _FORMAT = "fprecond.checkpoint"
 _KEYS = ("format", "version", "paths", "shapes", "dtypes", "tensors")
 
@@ -60,6 +64,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _checksum(tensor: torch.Tensor) -> int:
+    """CRC-32 of the tensor's elements in row-major order (any dtype, any device)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return zlib.crc32(flat.numpy().tobytes()) if flat.numel() else 0
+
+
 def save_state(path: str | os.PathLike[str], tree: PyTree) -> None:
     """Write every tensor of ``tree`` (any pytree of tensors) to ``path``.
 
@@ -78,6 +88,7 @@ def save_state(path: str | os.PathLike[str], tree: PyTree) -> None:
         # clone() keeps the layout of dense tensors (eigh/cholesky outputs are column-major)
         # and stores only the leaf's own elements, not the whole storage of a view.
         "tensors": {p: leaf.detach().clone() for p, leaf in zip(paths, leaves)},
+        "checksums": [_checksum(leaf) for leaf in leaves],
     }
     target = Path(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
@@ -110,8 +121,9 @@ def _payload_problem(payload: Any) -> str | None:
         return "not an fprecond checkpoint (written by fprecond.save_state)"
     if payload["format"] != _FORMAT:
         return f"format {payload['format']!r}, expected {_FORMAT!r}"
-    if payload["version"] != FORMAT_VERSION:
-        return f"format version {payload['version']!r}, this fprecond reads version {FORMAT_VERSION}"
+    if payload["version"] not in _READABLE_VERSIONS:
+        return (f"format version {payload['version']!r}, this fprecond reads versions "
+                f"{', '.join(map(str, _READABLE_VERSIONS))}")
     paths, shapes, dtypes, tensors = payload["paths"], payload["shapes"], payload["dtypes"], payload["tensors"]
     if not (isinstance(paths, list) and isinstance(shapes, list) and isinstance(dtypes, list)
             and isinstance(tensors, dict) and len(paths) == len(shapes) == len(dtypes) == len(tensors)):
@@ -120,6 +132,13 @@ def _payload_problem(payload: Any) -> str | None:
         tensor = tensors.get(path)
         if not isinstance(tensor, torch.Tensor) or list(tensor.shape) != shape or _dtype_name(tensor.dtype) != dtype:
             return f"the tensor at {path} does not match its index entry"
+    if payload["version"] >= 2:
+        checksums = payload.get("checksums")
+        if not isinstance(checksums, list) or len(checksums) != len(paths):
+            return "its checksums are missing"
+        for path, checksum in zip(paths, checksums):
+            if _checksum(tensors[path]) != checksum:
+                return f"the data of the tensor at {path} is corrupted (its checksum does not match)"
     return None
 
 
