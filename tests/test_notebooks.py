@@ -27,6 +27,9 @@ NOTEBOOKS = (
     "03_ensembles.ipynb",
     "04_build_your_own.ipynb",
     "05_comparing_methods.ipynb",
+    "06_laplace_uncertainty.ipynb",
+    "07_continual_learning.ipynb",
+    "08_pruning.ipynb",
 )
 # Seconds per cell: the slowest cell (05's `fprecond compare` run) takes about 1.5 minutes
 # on a loaded 2-core machine; the margin absorbs slower machines without hiding a hang.

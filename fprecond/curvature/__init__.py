@@ -9,6 +9,7 @@ from fprecond.curvature.blocks import (
     KroneckerEigenBlock,
     UnitBlock,
 )
+from fprecond.curvature.dataset import DatasetCurvature, dataset_curvature, dataset_statistics
 from fprecond.curvature.eigenbasis import EigenbasisEstimator, EigenbasisState
 from fprecond.curvature.estimate import CurvatureEstimator, EstimatorState, estimate, estimator
 from fprecond.curvature.lowrank import FactoredLowRankBlock, LowRankBlock
@@ -21,6 +22,7 @@ __all__ = [
     "Curvature",
     "CurvatureBlock",
     "CurvatureEstimator",
+    "DatasetCurvature",
     "DenseBlock",
     "DiagonalBlock",
     "EigenbasisEstimator",
@@ -33,6 +35,8 @@ __all__ = [
     "LowRankBlock",
     "Structure",
     "UnitBlock",
+    "dataset_curvature",
+    "dataset_statistics",
     "estimate",
     "estimator",
 ]
