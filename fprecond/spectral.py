@@ -20,11 +20,19 @@ __all__ = ["symmetric_eigh", "singular_floor", "damped_power"]
 
 def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, vectors)`` of the symmetric part of ``(..., n, n)`` ``matrix``
-    (ascending values, as ``torch.linalg.eigh``)."""
+    (ascending values, as ``torch.linalg.eigh``).
+
+    A matrix with NaN/Inf entries gets NaN eigenvalues (and identity eigenvectors)
+    instead of LAPACK's error, which would stop the whole batch, or every member of
+    a ``vmap``; callers that check for finite results then reject it."""
+    finite = torch.isfinite(matrix).all(-1, keepdim=True).all(-2, keepdim=True)
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    matrix = torch.where(finite, matrix, eye)
     scale = matrix.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=torch.finfo(matrix.dtype).tiny)
     scaled = matrix / scale
     values, vectors = torch.linalg.eigh((scaled + scaled.transpose(-1, -2)) / 2)
-    return values * scale[..., 0], vectors
+    values = torch.where(finite[..., 0], values * scale[..., 0], torch.nan)
+    return values, vectors
 
 
 def singular_floor(scale: torch.Tensor, size: int, exponent: float = -1.0) -> torch.Tensor:

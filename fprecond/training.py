@@ -70,8 +70,8 @@ def train_step(model: Model, transform: GradientTransformation, *,
         Euclidean norm ``‖g‖`` of the raw gradient, over all parameters) and
         ``skipped`` (int64: the cumulative number of steps skipped by
         :func:`fprecond.apply_if_finite` when ``transform`` is wrapped in it, as
-        every curvature recipe is — its state's ``skipped`` after this step; 0
-        for transforms without that guard, e.g. ``sgd`` and ``adam``).
+        every recipe is — its state's ``skipped`` after this step; 0 for
+        transforms without that guard, e.g. a bare ``fp.chain(...)``).
 
     Compiling: ``torch.compile(step, fullgraph=True)`` traces the step into one
     graph for ``sgd``, ``adam`` and the curvature recipes that get their

@@ -79,7 +79,7 @@ def test_metrics_against_direct_computation():
 
 def test_skipped_is_zero_without_a_guard():
     md, params, batch = make_problem("mlp", ("mse", "mean"))
-    transform = fp.adam(1e-2)
+    transform = fp.chain(fp.scale_by_adam(), fp.scale_by_learning_rate(1e-2))  # recipes are all guarded
     _, _, metrics = train_step(md, transform)(params, transform.init(params), (batch[0] * float("nan"), batch[1]),
                                               None)
     assert metrics["skipped"].item() == 0 and metrics["skipped"].dtype == torch.int64

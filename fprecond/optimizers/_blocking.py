@@ -39,7 +39,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -217,3 +217,42 @@ def mode_statistics(x: torch.Tensor, mode: int) -> torch.Tensor:
     grouped = x.reshape(batch, pre, d, post)
     return torch.einsum("bpiq,bpjq->bij", grouped, grouped)
 
+
+
+def finite_matrices(matrices: torch.Tensor) -> torch.Tensor:
+    """Per matrix of a ``(B, d, d)`` batch, whether every entry is finite: ``(B, 1, 1)``."""
+    return torch.isfinite(matrices).all(-1, keepdim=True).all(-2, keepdim=True)
+
+
+Statistics = tuple[tuple[torch.Tensor, ...], ...]  # per group of same-shaped blocks, per mode: (B, d, d)
+
+
+def accumulate_statistics(plans: Sequence[BlockPlan], gradients: Sequence[torch.Tensor],
+                          old: Sequence[Statistics], combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                          ) -> tuple[list[Statistics], list[Statistics], torch.Tensor]:
+    """Shampoo-style per-mode statistics of every block, folded into the old ones.
+
+    For each tensor (its ``plan``, ``gradient`` and ``old`` statistics), group of
+    blocks and mode: ``new = combine(old, mode_statistics(block, mode))``. A new
+    matrix that is not finite (a NaN gradient, or a finite one whose outer product
+    overflows in float32) is not stored, or the factor would stay infinite for good:
+    the old matrix is kept. Returns the statistics, the per-matrix acceptance flags
+    ``(B, 1, 1)`` in the same layout, and the number of rejected matrices (0-dim int64).
+    """
+    fresh, accepted = [], []
+    rejected = torch.zeros((), dtype=torch.int64, device=gradients[0].device if gradients else None)
+    for plan, gradient, stats in zip(plans, gradients, old):
+        per_group, flags = [], []
+        for group, block, group_stats in zip(plan.groups, plan.split(gradient), stats):
+            kept, oks = [], []
+            for previous, mode in zip(group_stats, group.modes):
+                new = combine(previous, mode_statistics(block, mode))
+                ok = finite_matrices(new)
+                kept.append(torch.where(ok, new, previous))
+                oks.append(ok)
+                rejected = rejected + (~ok).sum()
+            per_group.append(tuple(kept))
+            flags.append(tuple(oks))
+        fresh.append(tuple(per_group))
+        accepted.append(tuple(flags))
+    return fresh, accepted, rejected

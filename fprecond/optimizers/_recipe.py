@@ -7,7 +7,7 @@ from fprecond._validation import check_number
 from fprecond.base import GradientTransformation, ScalarOrSchedule, named_chain, validated
 from fprecond.transforms import add_decayed_weights, apply_if_finite, scale_by_learning_rate, trace
 
-__all__ = ["recipe"]
+__all__ = ["recipe", "guarded"]
 
 
 def recipe(name: str, preconditioner: GradientTransformation, *, learning_rate: ScalarOrSchedule, momentum: float,
@@ -31,4 +31,11 @@ def recipe(name: str, preconditioner: GradientTransformation, *, learning_rate: 
     if momentum:
         links.append(("momentum", trace(momentum)))
     links.append(("learning_rate", scale_by_learning_rate(learning_rate)))
-    return validated(name, apply_if_finite(named_chain(*links)))
+    return guarded(name, named_chain(*links))
+
+
+def guarded(name: str, transform: GradientTransformation) -> GradientTransformation:
+    """The outer layers every recipe has: its inputs checked (:func:`fprecond.base.validated`,
+    errors naming ``name``) and non-finite steps skipped and counted
+    (:func:`fprecond.transforms.apply_if_finite`, ``state.skipped``)."""
+    return validated(name, apply_if_finite(transform))

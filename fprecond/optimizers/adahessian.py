@@ -47,8 +47,9 @@ from fprecond.base import (
 from fprecond.curvature.hutchinson import hutchinson_diagonal
 from fprecond.lazy import lazy_where
 from fprecond.modeling import Model
+from fprecond.optimizers._recipe import guarded
 from fprecond.precondition import is_due
-from fprecond.transforms import add_decayed_weights, apply_if_finite, scale_by_learning_rate
+from fprecond.transforms import add_decayed_weights, scale_by_learning_rate
 from fprecond.transforms.adam import bias_correction
 from fprecond.tree import PyTree, tree_map, tree_zeros_like
 
@@ -174,4 +175,4 @@ def adahessian(model: Model, learning_rate: ScalarOrSchedule = 0.15, *, b1: floa
     if weight_decay:
         links.append(("weight_decay", add_decayed_weights(weight_decay)))
     links.append(("learning_rate", scale_by_learning_rate(learning_rate)))
-    return apply_if_finite(named_chain(*links))
+    return guarded("adahessian", named_chain(*links))

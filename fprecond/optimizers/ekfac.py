@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fprecond._validation import check_positive_int
 from fprecond.base import GradientTransformation, ScalarOrSchedule
 from fprecond.curvature.eigenbasis import EigenbasisEstimator
 from fprecond.modeling import Model
@@ -26,6 +27,7 @@ def ekfac(model: Model, learning_rate: ScalarOrSchedule = 0.1, *, kind: str = "f
     basis_every · scale_every``). Damping is exact (``s + λ``), not factored.
     Then KL clipping, momentum and the learning rate as :func:`fprecond.kfac`.
     """
+    check_positive_int("ekfac", "scale_every", scale_every)  # named here: precondition calls it curvature_every
     estimator = EigenbasisEstimator(model, kind, approx, samples, fallback, ema_decay, basis_every)
     transform = precondition(estimator, cholesky(kron="exact"), damping=damping, curvature_every=scale_every,
                              inverse_every=scale_every, kl_clip=kl_clip,

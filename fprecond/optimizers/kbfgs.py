@@ -164,8 +164,12 @@ def layer_statistics(model: Model, params: Params, batch: Any, buffers: Params |
 
 def _statistics(tapped: Model, params: Params, batch: Any, buffers: Params | None) -> LayerStatistics:
     inputs, targets = unpack_batch(batch)
-    taps = layer_taps(tapped, params, inputs, lambda outputs: tapped.loss.output_gradient(outputs, targets)[None],
-                      buffers)
+
+    def cotangents(outputs: torch.Tensor) -> torch.Tensor:
+        tapped.loss.check(outputs, targets)  # output_gradient itself accepts extra leading sample dimensions
+        return tapped.loss.output_gradient(outputs, targets)[None]
+
+    taps = layer_taps(tapped, params, inputs, cotangents, buffers)
     means, gradients, factors = {}, {}, {}
     for layer in tapped.layers:
         features = taps.features[layer.name]
@@ -197,6 +201,8 @@ class ScaleByKbfgsState(NamedTuple):
         skipped: pairs not applied to ``H_g`` (degenerate or non-finite), over all layers.
         failures: failed Cholesky attempts of the ``H_a`` refreshes (see
             :func:`~fprecond.solvers.linalg.damped_cholesky_inverse`).
+        rejected: estimates of ``A`` rejected for NaN/Inf entries (a bad batch), one per
+            layer; the running average is kept.
     """
 
     count: torch.Tensor  # type: ignore[assignment]  # optax's name, shadows tuple.count
@@ -208,6 +214,7 @@ class ScaleByKbfgsState(NamedTuple):
     previous: Params
     skipped: torch.Tensor
     failures: torch.Tensor
+    rejected: torch.Tensor
 
 
 def scale_by_kbfgs(model: Model, *, damping: float = 0.3, ema_decay: float = 0.9, pair_decay: float = 0.9,
@@ -250,7 +257,8 @@ def scale_by_kbfgs(model: Model, *, damping: float = 0.3, ema_decay: float = 0.9
             s[layer.name] = weight.new_zeros(outputs)
             y[layer.name] = weight.new_zeros(outputs)
         previous = tree_map(torch.clone, params)
-        return ScaleByKbfgsState(count, a, h_a, h_g, s, y, previous, torch.zeros_like(count), torch.zeros_like(count))
+        zero = torch.zeros_like(count)
+        return ScaleByKbfgsState(count, a, h_a, h_g, s, y, previous, zero, zero.clone(), zero.clone())
 
     @require_extras(owner, "batch")
     def update(updates: Updates, state: ScaleByKbfgsState, params: Params | None = None, **extra: Any):
@@ -262,12 +270,14 @@ def scale_by_kbfgs(model: Model, *, damping: float = 0.3, ema_decay: float = 0.9
         has_pair = count > 0
         previous = lazy_where(has_pair, lambda: _statistics(tapped, state.previous, batch, buffers), current)
 
-        a = {}
+        a, rejected = {}, state.rejected
         for layer in layers:
             fresh = current.input_factors[layer.name]
             averaged = running_average(state.a[layer.name], fresh, count == 0, ema_decay)
             # A non-finite batch (bad inputs) must not poison the running average for good.
-            a[layer.name] = torch.where(tree_all_finite(fresh), averaged, state.a[layer.name])
+            finite = tree_all_finite(fresh)
+            a[layer.name] = torch.where(finite, averaged, state.a[layer.name])
+            rejected = rejected + (~finite).to(rejected.dtype)
 
         def refresh() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
             failures = torch.zeros_like(count)
@@ -304,7 +314,7 @@ def scale_by_kbfgs(model: Model, *, damping: float = 0.3, ema_decay: float = 0.9
                 directions[_weight(layer)] = direction[..., :-1]
                 directions[layer.bias] = direction[..., -1]
         new_state = ScaleByKbfgsState(count + 1, a, h_a, h_g, s_average, y_average, tree_map(torch.clone, params),
-                                      skipped, state.failures + failures)
+                                      skipped, state.failures + failures, rejected)
         return directions, new_state
 
     return GradientTransformation(init, update)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fprecond.base import GradientTransformation, ScalarOrSchedule
 from fprecond.modeling import Model
 from fprecond.optimizers.natural_gradient import natural_gradient
+from fprecond.precondition import DataParallelism
 from fprecond.solvers import cholesky
 
 __all__ = ["kfac"]
@@ -14,7 +15,7 @@ def kfac(model: Model, learning_rate: ScalarOrSchedule = 0.1, *, kind: str = "fi
          damping: ScalarOrSchedule = 1e-3, pi_damping: bool = True, approx: str = "expand", ema_decay: float = 0.95,
          curvature_every: int = 1, inverse_every: int = 10, warmup: int = 5, momentum: float = 0.9,
          weight_decay: float = 0.0, kl_clip: float | None = 1e-3, samples: int = 1,
-         fallback: str = "diag") -> GradientTransformation:
+         fallback: str = "diag", distributed: DataParallelism | None = None) -> GradientTransformation:
     """K-FAC: per layer, ``ΔW = (G + √λ/π I)⁻¹ ∇W (A + π√λ I)⁻¹``.
 
     ``A = E[ã ãᵀ]`` over layer inputs (with the homogeneous coordinate for the bias)
@@ -33,9 +34,14 @@ def kfac(model: Model, learning_rate: ScalarOrSchedule = 0.1, *, kind: str = "fi
     then clipped so that ``η² dᵀ g <= kl_clip`` (Ba et al. 2017), passed through
     momentum ``μ`` and scaled by ``-η``. ``update`` needs ``batch`` and, for
     ``fisher_mc``, ``key`` (folded with the step count).
+
+    Data-parallel training: pass ``distributed=fprecond.distributed.DataParallel(comm)`` and
+    put :func:`fprecond.distributed.all_reduce_gradients` before this recipe in a chain; the
+    factors are then averaged over processes and the inverses shared among them (see
+    :mod:`fprecond.distributed.sharding`).
     """
     return natural_gradient(model, learning_rate, kind=kind, structure="kron", solver=cholesky(pi=pi_damping),
                             damping=damping, ema_decay=ema_decay, curvature_every=curvature_every,
                             inverse_every=inverse_every, warmup=warmup, momentum=momentum,
                             weight_decay=weight_decay, kl_clip=kl_clip, approx=approx, samples=samples,
-                            fallback=fallback)
+                            fallback=fallback, distributed=distributed)

@@ -51,7 +51,8 @@ from fprecond.base import (
     named_chain,
 )
 from fprecond.modeling import Model
-from fprecond.optimizers.first_order import adamw
+from fprecond.optimizers._recipe import guarded
+from fprecond.optimizers.first_order import adamw_chain
 from fprecond.solvers.linalg import orthogonalize
 from fprecond.transforms import add_decayed_weights, scale_by_learning_rate
 from fprecond.transforms.partition import Labels, partition
@@ -176,9 +177,10 @@ def muon(model: Model | None = None, learning_rate: ScalarOrSchedule = 0.02, mom
          labels: Labels | None = None) -> GradientTransformation:
     """Muon on the hidden matrices, AdamW on everything else (``MuonWithAuxAdam``).
 
-    ``partition({"muon": named_chain(("muon", scale_by_muon(...)), ("weight_decay", ...),
-    ("learning_rate", ...)), "adamw": adamw(...)}, labels)``: the state is
-    ``{"muon": ..., "adamw": ...}``.
+    ``apply_if_finite(partition({"muon": named_chain(("muon", scale_by_muon(...)),
+    ("weight_decay", ...), ("learning_rate", ...)), "adamw": adamw(...)}, labels))``: the
+    state's ``inner_state`` is ``{"muon": ..., "adamw": ...}``, and a step whose gradient or
+    update is not finite is skipped (zero update, state kept) and counted in ``state.skipped``.
 
     Routing: with ``labels`` (a tree of ``"muon"``/``"adamw"`` shaped like the
     parameters, or a function of them), as given; else with a ``model``,
@@ -217,6 +219,6 @@ def muon(model: Model | None = None, learning_rate: ScalarOrSchedule = 0.02, mom
         ("weight_decay", add_decayed_weights(weight_decay) if weight_decay else identity()),
         ("learning_rate", scale_by_learning_rate(learning_rate)),
     )
-    fallback = adamw(adamw_learning_rate, b1=adamw_betas[0], b2=adamw_betas[1], eps=adamw_eps,
-                     weight_decay=adamw_weight_decay)
-    return partition({"muon": hidden, "adamw": fallback}, labels)
+    fallback = adamw_chain(adamw_learning_rate, b1=adamw_betas[0], b2=adamw_betas[1], eps=adamw_eps,
+                           weight_decay=adamw_weight_decay)
+    return guarded("muon", partition({"muon": hidden, "adamw": fallback}, labels))

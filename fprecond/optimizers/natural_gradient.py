@@ -17,7 +17,7 @@ from fprecond.base import GradientTransformation, ScalarOrSchedule
 from fprecond.curvature.estimate import CurvatureEstimator
 from fprecond.modeling import Model
 from fprecond.optimizers._recipe import recipe
-from fprecond.precondition import precondition
+from fprecond.precondition import DataParallelism, precondition
 from fprecond.solvers import Solver
 
 __all__ = ["natural_gradient", "unit_wise_ng", "diag_ng"]
@@ -28,7 +28,8 @@ def natural_gradient(model: Model, learning_rate: ScalarOrSchedule = 0.1, *, kin
                      ema_decay: float = 0.95, curvature_every: int = 1, inverse_every: int = 1, warmup: int = 0,
                      momentum: float = 0.9, weight_decay: float = 0.0, kl_clip: float | None = 1e-3,
                      approx: str = "expand", samples: int = 1, per: str = "example", fallback: str = "diag",
-                     example_inputs: torch.Tensor | None = None) -> GradientTransformation:
+                     example_inputs: torch.Tensor | None = None,
+                     distributed: DataParallelism | None = None) -> GradientTransformation:
     """Natural gradient with any curvature ``kind`` in any ``structure`` (the general recipe).
 
     ``d = (C + λ I)⁻¹ g`` (block by block, see :mod:`fprecond.curvature.plan`) with
@@ -50,11 +51,14 @@ def natural_gradient(model: Model, learning_rate: ScalarOrSchedule = 0.1, *, kin
         curvature_every, inverse_every, warmup: the schedule (see :func:`fprecond.precondition`).
         momentum, weight_decay: see :func:`fprecond.optimizers._recipe.recipe`.
         example_inputs: one batch of inputs, for the ``lowrank`` structure.
+        distributed: data-parallel hooks (:class:`fprecond.distributed.DataParallel`), see
+            :func:`fprecond.precondition`; None for one process.
     """
     estimator = CurvatureEstimator(model, kind, structure, approx, samples, per, fallback, ema_decay, example_inputs)
     transform = precondition(estimator, solver, damping=damping, curvature_every=curvature_every,
                              inverse_every=inverse_every, warmup=warmup, kl_clip=kl_clip,
-                             learning_rate=learning_rate if kl_clip is not None else None)
+                             learning_rate=learning_rate if kl_clip is not None else None,
+                             distributed=distributed)
     return recipe("natural_gradient", transform, learning_rate=learning_rate, momentum=momentum,
                   weight_decay=weight_decay)
 

@@ -9,15 +9,16 @@ import torch
 
 from fprecond import func
 from fprecond._validation import check_number, step_counter
-from fprecond.base import GradientTransformation, Params, ScalarOrSchedule, Updates, named_chain, require_params
+from fprecond.base import (GradientTransformation, Params, ScalarOrSchedule, Updates, named_chain, require_params,
+                           validated)
 from fprecond.curvature.estimate import CurvatureEstimator, estimate
 from fprecond.modeling import Model
-from fprecond.optimizers._recipe import recipe
+from fprecond.optimizers._recipe import guarded, recipe
 from fprecond.precondition import precondition
 from fprecond.schedules import evaluate
 from fprecond.solvers import eigh
 from fprecond.solvers.cg import conjugate_gradient
-from fprecond.transforms import apply_if_finite, scale_by_learning_rate
+from fprecond.transforms import scale_by_learning_rate
 from fprecond.tree import pytree_dataclass, tree_add_scaled, tree_map, tree_scale, tree_vdot, tree_zeros_like
 
 __all__ = ["newton", "newton_cg", "hessian_free", "HessianFreeState"]
@@ -84,7 +85,11 @@ def hessian_free(model: Model, *, damping: float = 1.0, iterations: int = 20, to
     With ``diagonal_preconditioner``, CG is preconditioned by
     ``(diag(F̂) + λ)^{3/4}`` with ``F̂`` the empirical Fisher's diagonal (Martens
     2010, §4.7; one extra backward pass). Returns ``d``; the chain applies ``-η``.
-    ``update`` needs ``batch``.
+    ``update`` needs ``batch``. The transform has no guard of its own (a NaN gradient
+    gives a NaN direction, which would also become the next warm start): use it inside
+    :func:`~fprecond.transforms.apply_if_finite`, as :func:`newton_cg` does, which skips
+    such a step and keeps the state. CG itself is scale-invariant, so gradients of
+    ``1e-30`` or ``1e30`` (float32) give finite directions.
     """
     owner = "hessian_free"
     check_number(owner, "damping", damping, low=0.0, low_inclusive=False)
@@ -141,7 +146,7 @@ def hessian_free(model: Model, *, damping: float = 1.0, iterations: int = 20, to
                                      ratio.to(lam.dtype))
         return direction, new_state
 
-    return GradientTransformation(init, update)
+    return validated("hessian_free", GradientTransformation(init, update))
 
 
 def newton_cg(model: Model, learning_rate: ScalarOrSchedule = 1.0, *, damping: float = 1.0, iterations: int = 20,
@@ -153,7 +158,7 @@ def newton_cg(model: Model, learning_rate: ScalarOrSchedule = 1.0, *, damping: f
     used rather than the Hessian because it is positive semi-definite, so CG is
     well defined. Non-finite steps are skipped."""
     check_number("newton_cg", "learning_rate", learning_rate, low=0.0, low_inclusive=False, allow_schedule=True)
-    return apply_if_finite(named_chain(
+    return guarded("newton_cg", named_chain(
         ("precondition", hessian_free(model, damping=damping, iterations=iterations, tol=tol, warm_start=warm_start,
                                       adapt_damping=adapt_damping, learning_rate=learning_rate,
                                       min_damping=min_damping, diagonal_preconditioner=diagonal_preconditioner)),

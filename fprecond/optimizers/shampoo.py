@@ -27,10 +27,12 @@ import torch
 from fprecond._validation import check_choice, check_number, check_positive_int
 from fprecond.base import GradientTransformation, Params, ScalarOrSchedule, Updates, named_chain
 from fprecond.lazy import lazy_where
-from fprecond.optimizers._blocking import BlockPlan, mode_product, mode_statistics, plan_blocks
-from fprecond.precondition import is_due
+from fprecond.optimizers._blocking import (BlockPlan, accumulate_statistics, finite_matrices, mode_product,
+                                          plan_blocks)
+from fprecond.optimizers._recipe import guarded
+from fprecond.precondition import DataParallelism, is_due
 from fprecond.solvers.linalg import eigh_power, inverse_root_newton
-from fprecond.transforms import add_decayed_weights, apply_if_finite, scale_by_learning_rate, trace
+from fprecond.transforms import add_decayed_weights, scale_by_learning_rate, trace
 from fprecond.transforms.adam import bias_correction
 from fprecond.transforms.grafting import GRAFT_TYPES, counter, filtered_gradient, graft, scale_by_grafting
 from fprecond.transforms.partition import partition
@@ -52,7 +54,8 @@ class ScaleByShampooState(NamedTuple):
         mu: the filtered gradient, shaped like the parameters (``{}`` when ``b1 = 0``).
         statistics: leaf name -> per block group -> per mode, the ``(B, d, d)`` factors ``L_i``.
         roots: the cached inverse roots ``P_i``, shaped as ``statistics``.
-        rejected: block roots rejected so far because the statistics or the root were not finite.
+        rejected: per block and mode, statistics updates and roots rejected so far because they
+            were not finite (the previous factor or root is kept).
     """
 
     count: torch.Tensor  # type: ignore[assignment]  # optax's name, shadows tuple.count
@@ -84,7 +87,8 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
                      precondition_frequency: int = 100, start_preconditioning_step: int | None = None,
                      statistics_every: int = 1, method: str = "eigh", exponent_multiplier: float = 1.0,
                      root_override: int | None = None, matrix_eps: float = 0.0, use_bias_correction: bool = True,
-                     nesterov: bool = False, newton_iterations: int = 50) -> GradientTransformation:
+                     nesterov: bool = False, newton_iterations: int = 50,
+                     distributed: DataParallelism | None = None) -> GradientTransformation:
     """Precondition each block of each tensor by the inverse roots of its Shampoo factors.
 
     Step ``t`` (1-based, as Meta's ``step``):
@@ -92,7 +96,9 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
     1. Filtered gradient ``Ĝ`` (:func:`fprecond.transforms.grafting.filtered_gradient`,
        ``b1``, bias-corrected, ``nesterov`` look-ahead).
     2. When ``t % statistics_every == 0``: ``L_i ← b2 L_i + (1-b2) G_(i) G_(i)ᵀ`` from the
-       *raw* gradient ``G`` of each block (``b2 = 1``: plain sum, AdaGrad style).
+       *raw* gradient ``G`` of each block (``b2 = 1``: plain sum, AdaGrad style). An update
+       that is not finite (a NaN gradient, or ``G G^T`` overflowing) is not stored: the
+       old factor and its root are kept, counted in ``state.rejected``.
     3. When ``t == start`` or (``t % precondition_frequency == 0`` and ``t > start``), the
        roots are refreshed: ``P_i = (L̂_i + λ_i I)^(-exponent)`` with
        ``L̂_i = L_i / (1 - b2^n)`` (``n`` statistics updates; no correction when
@@ -131,6 +137,11 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
         use_bias_correction: bias-correct ``Ĝ`` and ``L̂`` (Meta: True).
         nesterov: look-ahead filtered gradient (Meta's ``beta3 = b1²``).
         newton_iterations: iterations of the Newton method.
+        distributed: data-parallel hooks (:class:`fprecond.distributed.DataParallel`): the
+            roots are refreshed tensor by tensor on the tensors' owners and broadcast
+            (``mode="inverse"``; ``"gradient"`` is not offered). The statistics come from
+            the gradient, which must already be averaged over the processes (put
+            :func:`fprecond.distributed.all_reduce_gradients` first in the chain).
 
     Shapes: the statistics of a group of ``B`` blocks of shape ``(n_1, ..., n_k)`` are
     ``(B, n_i, n_i)`` per mode; ``state.statistics[name][group][mode]``.
@@ -157,6 +168,9 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
     if epsilon == 0.0 and matrix_eps == 0.0 and method == "newton":
         raise ValueError(f"{owner}: method='newton' needs epsilon > 0 or matrix_eps > 0 (singular statistics)")
     corrected = use_bias_correction and b2 < 1.0
+    if distributed is not None and getattr(distributed, "mode", None) == "gradient":
+        raise ValueError(f"{owner}: distributed mode 'gradient' is not offered for Shampoo (its roots are applied "
+                         "per tensor after grafting); use mode 'inverse' or 'replicate'")
 
     def plan_of(leaf: torch.Tensor) -> BlockPlan:
         return plan_blocks(leaf.shape, max_preconditioner_dim, merge_dims=merge_dims)
@@ -210,44 +224,63 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
         directions, treedef = tree_flatten_ordered(filtered)
         plans = [plan_of(g) for g in gradients]
 
-        def new_statistics() -> dict[str, Blocks]:
-            fresh: dict[str, Blocks] = {}
-            for name, gradient, plan in zip(names, gradients, plans):
-                per_group = []
-                for group, block, old in zip(plan.groups, plan.split(gradient), state.statistics[name]):
-                    outer = [mode_statistics(block, mode) for mode in group.modes]
-                    if b2 == 1.0:
-                        per_group.append(tuple(s + o for s, o in zip(old, outer)))
-                    else:
-                        per_group.append(tuple(b2 * s + (1.0 - b2) * o for s, o in zip(old, outer)))
-                fresh[name] = tuple(per_group)
-            return fresh
+        def new_statistics() -> tuple[dict[str, Blocks], dict[str, tuple[tuple[torch.Tensor, ...], ...]],
+                                      torch.Tensor]:
+            # A statistics update that is not finite is not stored (see accumulate_statistics):
+            # the old factor is kept, its root too, and it is counted.
+            def combine(previous: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+                return previous + outer if b2 == 1.0 else b2 * previous + (1.0 - b2) * outer
+
+            fresh, flags, rejected = accumulate_statistics(plans, gradients, [state.statistics[name] for name in names],
+                                                           combine)
+            return dict(zip(names, fresh)), dict(zip(names, flags)), rejected.to(step.dtype)
 
         statistics_due = is_due(step, statistics_every)
-        statistics = lazy_where(statistics_due, new_statistics, state.statistics)
+        all_accepted = {name: tuple(tuple(torch.ones(s.shape[0], 1, 1, dtype=torch.bool, device=s.device)
+                                          for s in group) for group in state.statistics[name]) for name in names}
+        statistics, accepted, statistics_rejected = lazy_where(
+            statistics_due, new_statistics, (state.statistics, all_accepted, torch.zeros_like(step)))
         statistics_count = state.statistics_count + statistics_due.to(step.dtype)
 
-        def new_roots() -> tuple[dict[str, Blocks], torch.Tensor]:
+        def new_roots(only: str | None = None) -> tuple[dict[str, Blocks], torch.Tensor]:
             fresh: dict[str, Blocks] = {}
             rejected = torch.zeros_like(step)
             for name, gradient, plan in zip(names, gradients, plans):
+                if only is not None and name != only:
+                    continue
                 # Clamped: a root due before any statistics update sees zeros, not 0/0.
                 correction = (bias_correction(b2, statistics_count.clamp_min(1), gradient) if corrected
                               else None)
                 per_group = []
-                for group, stats, old_roots in zip(plan.groups, statistics[name], state.roots[name]):
+                for group, stats, flags, old_roots in zip(plan.groups, statistics[name], accepted[name],
+                                                          state.roots[name]):
                     kept = []
-                    for statistic, old in zip(stats, old_roots):
+                    for statistic, ok, old in zip(stats, flags, old_roots):
                         root = inverse_root(statistic, group.order, correction)
-                        good = torch.isfinite(statistic).all(-1).all(-1) & torch.isfinite(root).all(-1).all(-1)
-                        kept.append(torch.where(good[:, None, None], root, old))
-                        rejected = rejected + (~good).sum().to(rejected.dtype)
+                        good = finite_matrices(statistic) & finite_matrices(root)
+                        kept.append(torch.where(good & ok, root, old))
+                        # A rejected statistics update was counted once, in new_statistics.
+                        rejected = rejected + (ok & ~good).sum().to(rejected.dtype)
                     per_group.append(tuple(kept))
                 fresh[name] = tuple(per_group)
             return fresh, rejected
 
         root_due = ((step % precondition_frequency == 0) & (step > start)) | (step == start)
-        roots, rejected = lazy_where(root_due, new_roots, (state.roots, torch.zeros_like(step)))
+
+        def shared_roots() -> tuple[dict[str, Blocks], torch.Tensor]:
+            # Tensor by tensor, each on its owner, broadcast to the others.
+            assert distributed is not None
+
+            def one(index: int) -> tuple[Blocks, torch.Tensor]:
+                fresh, rejected = new_roots(only=names[index])
+                return fresh[names[index]], rejected
+
+            results = distributed.share(one, [(state.roots[name], torch.zeros_like(step)) for name in names])
+            return ({name: roots for name, (roots, _) in zip(names, results)},
+                    sum((rejected for _, rejected in results), torch.zeros_like(step)))
+
+        roots, rejected = lazy_where(root_due, new_roots if distributed is None else shared_roots,
+                                     (state.roots, torch.zeros_like(step)))
 
         def preconditioned() -> list[torch.Tensor]:
             out = []
@@ -265,7 +298,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
 
         outputs = lazy_where(step >= start, preconditioned, directions)
         new_state = ScaleByShampooState(count=step, statistics_count=statistics_count, mu=mu, statistics=statistics,
-                                        roots=roots, rejected=state.rejected + rejected)
+                                        roots=roots, rejected=state.rejected + statistics_rejected + rejected)
         return tree_unflatten_ordered(treedef, outputs), new_state
 
     return GradientTransformation(init, update)
@@ -278,7 +311,8 @@ def shampoo(learning_rate: ScalarOrSchedule = 1e-3, betas: tuple[float, float] =
             statistics_every: int = 1, grafting: str = "adam", grafting_epsilon: float | None = None,
             grafting_beta2: float | None = None, method: str = "eigh", exponent_multiplier: float = 1.0,
             root_override: int | None = None, matrix_eps: float = 0.0,
-            use_bias_correction: bool = True) -> GradientTransformation:
+            use_bias_correction: bool = True,
+            distributed: DataParallelism | None = None) -> GradientTransformation:
     """Distributed Shampoo with layer-wise grafting, as Meta's ``DistributedShampoo`` (Shi et al., 2023).
 
     The update of step ``t``, in Meta's order::
@@ -315,6 +349,10 @@ def shampoo(learning_rate: ScalarOrSchedule = 1e-3, betas: tuple[float, float] =
     ``grafting_epsilon`` of None takes Meta's per-type default (AdaGrad 1e-10,
     RMSProp/Adam 1e-8).
 
+    Data-parallel training: ``distributed=fprecond.distributed.DataParallel(comm)`` shares the
+    root refreshes among processes (see :func:`scale_by_shampoo`); put
+    :func:`fprecond.distributed.all_reduce_gradients` first in the chain.
+
     State for notebooks: ``state.inner_state["shampoo"]["shampoo"]`` is the
     :class:`~fprecond.transforms.grafting.GraftState` (its ``direction_state`` the
     :class:`ScaleByShampooState`; without grafting, the latter directly) and
@@ -349,7 +387,7 @@ def shampoo(learning_rate: ScalarOrSchedule = 1e-3, betas: tuple[float, float] =
                                  statistics_every=statistics_every, method=method,
                                  exponent_multiplier=exponent_multiplier, root_override=root_override,
                                  matrix_eps=matrix_eps, use_bias_correction=use_bias_correction,
-                                 nesterov=filter_nesterov)
+                                 nesterov=filter_nesterov, distributed=distributed)
     start = precondition_frequency if start_preconditioning_step is None else start_preconditioning_step
 
     def grafting_method() -> GradientTransformation:
@@ -373,5 +411,5 @@ def shampoo(learning_rate: ScalarOrSchedule = 1e-3, betas: tuple[float, float] =
     if momentum:
         links.append(("momentum", trace(momentum, nesterov)))
     links.append(("learning_rate", scale_by_learning_rate(learning_rate)))
-    return apply_if_finite(named_chain(*links))
+    return guarded("shampoo", named_chain(*links))
 

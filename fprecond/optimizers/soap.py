@@ -7,7 +7,7 @@ defaults and first-step handling follow the reference implementation
 Shampoo statistics ``L, R`` and their eigenbases ``Q_L, Q_R``::
 
     G' = Q_Lᵀ G Q_R                                     (project)
-    m ← β1 m + (1-β1) G';  v ← β2 v + (1-β2) G'²         (Adam moments, kept in the eigenbasis)
+    m ← β1 m + (1-β1) G';  v ← β2 v + (1-β2) G'²         (Adam moments, kept in the eigenbasis; v as sqrt(v))
     D = Q_L (m / (sqrt(v) + eps)) Q_Rᵀ · sqrt(1-β2^t)/(1-β1^t)     (project back)
     L ← s L + (1-s) G Gᵀ;  R ← s R + (1-s) Gᵀ G            (s = shampoo_beta, after the step)
 
@@ -27,12 +27,14 @@ import torch
 from fprecond._validation import check_number, check_positive_int
 from fprecond.base import GradientTransformation, Params, ScalarOrSchedule, Updates, named_chain
 from fprecond.lazy import lazy_where
-from fprecond.optimizers._blocking import BlockPlan, merge_small_dims, mode_product, mode_statistics, plan_blocks
+from fprecond.optimizers._blocking import (BlockPlan, accumulate_statistics, finite_matrices, merge_small_dims,
+                                          mode_product, plan_blocks)
+from fprecond.optimizers._recipe import guarded
 from fprecond.precondition import is_due
 from fprecond.schedules import evaluate
 from fprecond.spectral import symmetric_eigh
-from fprecond.transforms import apply_if_finite, scale_by_learning_rate
-from fprecond.transforms.adam import bias_correction
+from fprecond.transforms import scale_by_learning_rate
+from fprecond.transforms.adam import bias_correction, root_mean_square
 from fprecond.transforms.grafting import counter
 from fprecond.tree import NAMESPACE, PyTree, tree_flatten_with_names, tree_unflatten_ordered, tree_zeros_like
 
@@ -51,19 +53,25 @@ class ScaleBySoapState(NamedTuple):
         count: steps taken (0-dim int64); the first step only initialises the basis.
         exp_avg: Adam's first moment, shaped like the parameters, *in the eigenbasis* (with
             ``block_size``: each block in its own block's eigenbasis).
-        exp_avg_sq: Adam's second moment, shaped like the parameters, in the eigenbasis.
+        exp_avg_sq_sqrt: the square root of Adam's second moment, shaped like the parameters,
+            in the eigenbasis (a root, updated by ``hypot``, so that ``G'²`` is never formed:
+            a float32 gradient of ``1e30`` would overflow it and zero the step for good).
         statistics: leaf name -> the factors ``L, R, ...``: ``statistics[name][mode]`` a
             ``(d, d)`` matrix; with ``block_size``, ``statistics[name][group][mode]`` a
             ``(B, d, d)`` batch for the ``B`` equal-shaped blocks of a group (as Shampoo's).
         basis: the orthogonal eigenbases ``Q``, laid out as ``statistics`` (columns sorted by
             decreasing estimated eigenvalue).
+        rejected: statistics updates rejected so far, per block and mode, because the new
+            factor was not finite (a finite gradient whose outer product overflows); the
+            previous factor is kept.
     """
 
     count: torch.Tensor  # type: ignore[assignment]  # optax's name, shadows tuple.count
     exp_avg: PyTree
-    exp_avg_sq: PyTree
+    exp_avg_sq_sqrt: PyTree
     statistics: dict[str, Factors]
     basis: dict[str, Factors]
+    rejected: torch.Tensor
 
 
 Groups = tuple[tuple[torch.Tensor, ...], ...]
@@ -76,11 +84,6 @@ def _project(x: torch.Tensor, modes: tuple[int, ...], basis: tuple[torch.Tensor,
     for mode, q in zip(modes, basis):
         x = mode_product(x, q if back else q.mT, mode)
     return x
-
-
-def _finite(matrices: torch.Tensor) -> torch.Tensor:
-    """Per matrix of a ``(B, d, d)`` batch, whether every entry is finite: ``(B, 1, 1)``."""
-    return torch.isfinite(matrices).all(-1, keepdim=True).all(-2, keepdim=True)
 
 
 def _eye_like(matrices: torch.Tensor) -> torch.Tensor:
@@ -140,8 +143,9 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float | None
     (each of the ``m n / b²`` blocks keeps two ``b × b`` matrices). ``None`` (the
     default): no splitting, the reference's behaviour.
 
-    Non-finite statistics leave the basis (and the second moment's order) unchanged,
-    per block.
+    A statistics update that is not finite (a NaN gradient, or a finite one whose outer
+    product overflows) is not stored: the previous factor, basis and order of the second
+    moment are kept, per block and mode, and counted in ``state.rejected``.
 
     Defaults: the reference (``betas=(0.95, 0.95)``, ``shampoo_beta = b2`` when None,
     ``eps=1e-8``, ``precondition_frequency=10``, ``max_precond_dim=10000``); ``block_size``
@@ -196,15 +200,17 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float | None
             statistics[name] = pack(tuple(tuple(leaf.new_zeros(b, d, d) for b, d in group) for group in sizes))
             basis[name] = pack(tuple(tuple(torch.eye(d, dtype=leaf.dtype, device=leaf.device).expand(b, d, d).clone()
                                            for b, d in group) for group in sizes))
-        return ScaleBySoapState(count=counter(params), exp_avg=tree_zeros_like(params),
-                                exp_avg_sq=tree_zeros_like(params), statistics=statistics, basis=basis)
+        zero = counter(params)
+        return ScaleBySoapState(count=zero, exp_avg=tree_zeros_like(params),
+                                exp_avg_sq_sqrt=tree_zeros_like(params), statistics=statistics, basis=basis,
+                                rejected=zero.clone())
 
     def update(updates: Updates, state: ScaleBySoapState, params: Params | None = None, **extra: Any):
         del params, extra
         count = state.count
         names, gradients, treedef = tree_flatten_with_names(updates)
         exp_avg = tree_flatten_with_names(state.exp_avg)[1]
-        exp_avg_sq = tree_flatten_with_names(state.exp_avg_sq)[1]
+        exp_avg_sq = tree_flatten_with_names(state.exp_avg_sq_sqrt)[1]
         leaf_plans = [plan_of(g) for g in gradients]
         old_statistics = {name: unpack(state.statistics[name]) for name in names}
         old_basis = {name: unpack(state.basis[name]) for name in names}
@@ -218,8 +224,8 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float | None
                                                                    plan.split(v), old_basis[name]):
                     projected = _project(g_block, group.modes, basis, back=False)
                     m_block = torch.lerp(projected, m_block, b1)  # b1 m + (1-b1) g' in one pass
-                    v_block = torch.addcmul(b2 * v_block, projected, projected, value=1.0 - b2)
-                    ratio = m_block / (torch.sqrt(v_block) + eps).clamp_min(torch.finfo(v_block.dtype).tiny)
+                    v_block = root_mean_square(v_block, projected, b2)  # sqrt(b2 v² + (1-b2) G'²)
+                    ratio = m_block / (v_block + eps).clamp_min(torch.finfo(v_block.dtype).tiny)
                     direction = _project(ratio, group.modes, basis, back=True)
                     if normalize_grads and direction.numel():  # per block (the whole tensor without blocking)
                         rms = torch.sqrt(direction.square().flatten(1).mean(1))
@@ -242,25 +248,29 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float | None
         directions, exp_avg, exp_avg_sq = lazy_where(
             first, lambda: ([torch.zeros_like(g) for g in gradients], *skipped), adam_step())
 
-        def new_statistics() -> dict[str, Groups]:
-            fresh = {}
-            for name, g, plan in zip(names, gradients, leaf_plans):
-                fresh[name] = tuple(
-                    tuple(shampoo_beta * s + (1.0 - shampoo_beta) * mode_statistics(block, mode)
-                          for s, mode in zip(stats, group.modes))
-                    for group, block, stats in zip(plan.groups, plan.split(g), old_statistics[name]))
-            return fresh
+        def new_statistics() -> tuple[dict[str, Groups], dict[str, Groups], torch.Tensor]:
+            # A finite gradient can still overflow G Gᵀ (float32, |G| ~ 1e20): such a factor is
+            # not stored (it would stay infinite for good); the old one is kept and counted.
+            def combine(previous: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+                return shampoo_beta * previous + (1.0 - shampoo_beta) * outer
 
-        statistics = lazy_where(is_due(count, statistics_every), new_statistics, old_statistics)
+            fresh, flags, rejected = accumulate_statistics(leaf_plans, gradients,
+                                                           [old_statistics[name] for name in names], combine)
+            return dict(zip(names, fresh)), dict(zip(names, flags)), rejected.to(count.dtype)
+
+        all_accepted = {name: tuple(tuple(torch.ones(s.shape[0], 1, 1, dtype=torch.bool, device=s.device)
+                                          for s in stats) for stats in old_statistics[name]) for name in names}
+        statistics, accepted, rejected = lazy_where(is_due(count, statistics_every), new_statistics,
+                                                    (old_statistics, all_accepted, torch.zeros_like(count)))
 
         def initial_basis() -> dict[str, Groups]:
             fresh = {}
             for name in names:
                 per_group = []
-                for stats, olds in zip(statistics[name], old_basis[name]):
+                for stats, flags, olds in zip(statistics[name], accepted[name], old_basis[name]):
                     qs = []
-                    for s, old in zip(stats, olds):
-                        good = _finite(s)
+                    for s, ok, old in zip(stats, flags, olds):
+                        good = ok & finite_matrices(s)
                         vectors = torch.flip(symmetric_eigh(torch.where(good, s, _eye_like(s)))[1], [-1])
                         qs.append(torch.where(good, vectors, old))
                     per_group.append(tuple(qs))
@@ -273,12 +283,13 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float | None
             fresh, firsts, seconds = {}, [], []
             for name, m, v, plan in zip(names, exp_avg, exp_avg_sq, leaf_plans):
                 per_group, m_blocks, v_blocks = [], [], []
-                for group, m_block, v_block, stats, olds in zip(plan.groups, plan.split(m), plan.split(v),
-                                                                statistics[name], basis[name]):
+                for group, m_block, v_block, stats, flags, olds in zip(plan.groups, plan.split(m), plan.split(v),
+                                                                       statistics[name], accepted[name], basis[name]):
                     original = _project(m_block, group.modes, olds, back=True)
                     qs = []
-                    for mode, s, q in zip(group.modes, stats, olds):
-                        good = _finite(s)
+                    for mode, s, ok, q in zip(group.modes, stats, flags, olds):
+                        # A rejected statistics update keeps the basis (and the order of v) as it was.
+                        good = ok & finite_matrices(s)
                         s = torch.where(good, s, _eye_like(s))
                         power = s @ q  # one power-iteration step, also giving diag(Qᵀ L Q)
                         estimated = (q * power).sum(-2)  # (B, d)
@@ -304,9 +315,10 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.95, shampoo_beta: float | None
         basis, exp_avg, exp_avg_sq = lazy_where(refresh_due, refresh, (basis, exp_avg, exp_avg_sq))
 
         new_state = ScaleBySoapState(count=count + 1, exp_avg=tree_unflatten_ordered(treedef, exp_avg),
-                                     exp_avg_sq=tree_unflatten_ordered(treedef, exp_avg_sq),
+                                     exp_avg_sq_sqrt=tree_unflatten_ordered(treedef, exp_avg_sq),
                                      statistics={name: pack(statistics[name]) for name in names},
-                                     basis={name: pack(basis[name]) for name in names})
+                                     basis={name: pack(basis[name]) for name in names},
+                                     rejected=state.rejected + rejected)
         return tree_unflatten_ordered(treedef, directions), new_state
 
     return GradientTransformation(init, update)
@@ -382,4 +394,4 @@ def soap(learning_rate: ScalarOrSchedule = 3e-3, betas: tuple[float, float] = (0
     ]
     if weight_decay:
         links.append(("weight_decay", _decay_after_step(weight_decay, learning_rate)))
-    return apply_if_finite(named_chain(*links))
+    return guarded("soap", named_chain(*links))

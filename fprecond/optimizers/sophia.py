@@ -56,8 +56,9 @@ from fprecond.base import (
 from fprecond.curvature.hutchinson import gnb_diagonal, hutchinson_diagonal
 from fprecond.lazy import lazy_where
 from fprecond.modeling import Model
+from fprecond.optimizers._recipe import guarded
 from fprecond.precondition import is_due
-from fprecond.transforms import add_decayed_weights, apply_if_finite, scale_by_learning_rate
+from fprecond.transforms import add_decayed_weights, scale_by_learning_rate
 from fprecond.transforms.weight_decay import Mask
 from fprecond.tree import PyTree, tree_map, tree_zeros_like
 
@@ -175,5 +176,5 @@ def sophia(model: Model, learning_rate: ScalarOrSchedule = 1e-4, *, estimator: s
     if weight_decay:
         links.append(("weight_decay", add_decayed_weights(weight_decay, weight_decay_mask)))
     links.append(("learning_rate", scale_by_learning_rate(learning_rate)))
-    return apply_if_finite(named_chain(*links))
+    return guarded("sophia", named_chain(*links))
 

@@ -9,7 +9,8 @@ import torch
 
 from fprecond._validation import check_number
 from fprecond.lazy import lazy_where
-from fprecond.tree import PyTree, tree_add_scaled, tree_sub, tree_vdot, tree_where, tree_zeros_like
+from fprecond.tree import (PyTree, tree_add_scaled, tree_leaves, tree_map, tree_sub, tree_vdot, tree_where,
+                           tree_zeros_like)
 
 __all__ = ["CGInfo", "conjugate_gradient"]
 
@@ -67,6 +68,13 @@ def conjugate_gradient(matvec: Callable[[PyTree], PyTree], rhs: PyTree, *, x0: P
         x, residual = tree_zeros_like(rhs), rhs
     else:
         x, residual = x0, tree_sub(rhs, matvec(x0))
+    # CG is linear in (rhs, x0): it runs on them divided by a power of two near their
+    # largest entry and multiplies the solution back. The inner products square the
+    # entries, which would overflow for a float32 gradient of 1e30 (or underflow for
+    # 1e-30); a power of two divides exactly, so ordinary inputs give bit for bit the
+    # same result.
+    scale = _power_of_two_scale(rhs, residual, x)
+    rhs, residual, x = (tree_map(lambda leaf: leaf / scale.to(leaf.dtype), tree) for tree in (rhs, residual, x))
     rhs_norm = torch.sqrt(tree_vdot(rhs, rhs))
     threshold = tol * rhs_norm
     residual_norm = torch.sqrt(tree_vdot(residual, residual))
@@ -102,4 +110,18 @@ def conjugate_gradient(matvec: Callable[[PyTree], PyTree], rhs: PyTree, *, x0: P
         state = lazy_where(~state[6], functools.partial(step, state), state)
     x, _, _, _, residual_norm, count, _, negative = state
     positive_norm = torch.where(rhs_norm > 0, rhs_norm, torch.ones_like(rhs_norm))
+    x = tree_map(lambda leaf: leaf * scale.to(leaf.dtype), x)
     return x, CGInfo(count, residual_norm / positive_norm, negative)
+
+
+def _power_of_two_scale(*trees: PyTree) -> torch.Tensor:
+    """``2^⌊log2 m⌋`` for ``m`` the largest ``|entry|`` of ``trees`` (0-dim, in the first
+    leaf's dtype); 1 when ``m`` is zero or not finite (a NaN input stays NaN)."""
+    leaves = [leaf for tree in trees for leaf in tree_leaves(tree)]
+    if not leaves:
+        return torch.ones(())
+    dtype = leaves[0].dtype
+    largest = torch.stack([(leaf.abs().amax() if leaf.numel() else leaf.new_zeros(())).to(dtype)
+                           for leaf in leaves]).amax()
+    scale = torch.exp2(torch.floor(torch.log2(largest)))
+    return torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))

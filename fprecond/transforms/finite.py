@@ -9,7 +9,7 @@ import torch
 from fprecond.base import GradientTransformation, OptState, Params, Updates
 from fprecond._validation import step_counter
 from fprecond.lazy import lazy_where
-from fprecond.tree import tree_all_finite, tree_zeros_like
+from fprecond.tree import tree_all_finite, tree_leaves, tree_zeros_like
 
 __all__ = ["apply_if_finite", "ApplyIfFiniteState"]
 
@@ -44,7 +44,9 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
         raise TypeError(f"apply_if_finite: inner must be a GradientTransformation, got {type(inner).__name__}")
 
     def init(params: Params) -> ApplyIfFiniteState:
-        zero = step_counter("apply_if_finite", params)
+        # A partition may hand an inner recipe no parameters at all: count on the CPU then.
+        leaves = tree_leaves(params)
+        zero = step_counter("apply_if_finite", params) if leaves else torch.zeros((), dtype=torch.int64)
         return ApplyIfFiniteState(
             skipped=zero,
             consecutive_skipped=zero.clone(),

@@ -27,7 +27,7 @@ import torch
 from fprecond._validation import check_choice, check_number
 from fprecond.base import GradientTransformation, OptState, Params, Updates
 from fprecond.lazy import lazy_where
-from fprecond.transforms.adam import bias_correction
+from fprecond.transforms.adam import bias_correction, root_mean_square
 from fprecond.tree import PyTree, tree_leaves, tree_map, tree_zeros_like
 
 __all__ = [
@@ -105,11 +105,13 @@ def filtered_gradient(momentum: torch.Tensor, gradient: torch.Tensor, b1: float,
 
 class ScaleByGraftingState(NamedTuple):
     """State of :func:`scale_by_grafting`: the step count, the filtered gradient ``mu``
-    (an empty dict when ``b1 = 0``) and the diagonal second moment ``nu`` (empty for SGD)."""
+    (an empty dict when ``b1 = 0``) and the square root ``nu_sqrt = sqrt(v)`` of the
+    diagonal second moment (empty for SGD), kept as a root so that a huge float32
+    gradient does not overflow ``g²`` (see :class:`fprecond.transforms.ScaleByAdamState`)."""
 
     count: torch.Tensor  # type: ignore[assignment]  # optax's name, shadows tuple.count
     mu: PyTree
-    nu: PyTree
+    nu_sqrt: PyTree
 
 
 def scale_by_grafting(graft_type: str, *, b1: float = 0.0, b2: float | None = None, eps: float | None = None,
@@ -122,6 +124,8 @@ def scale_by_grafting(graft_type: str, *, b1: float = 0.0, b2: float | None = No
     - ``"adagrad"``: ``v ← v + g²``, ``u = ĝ / (sqrt(v) + eps)`` (eps default 1e-10);
     - ``"rmsprop"``: ``v ← b2 v + (1-b2) g²``, ``u = ĝ / (sqrt(v) + eps)`` (b2 0.99, eps 1e-8);
     - ``"adam"``: as ``"rmsprop"`` with ``v / (1 - b2^t)`` (b2 0.999, eps 1e-8).
+
+    ``v`` is kept as ``sqrt(v)`` (state ``nu_sqrt``), updated by ``hypot`` without forming ``g²``.
 
     Defaults are those of Meta's ``*GraftingConfig`` classes; ``b2`` is ignored by
     ``"sgd"``, ``"none"`` and ``"adagrad"`` (a plain sum, as Meta's). ``b1`` (default 0)
@@ -142,7 +146,7 @@ def scale_by_grafting(graft_type: str, *, b1: float = 0.0, b2: float | None = No
 
     def init(params: Params) -> ScaleByGraftingState:
         return ScaleByGraftingState(count=counter(params), mu=tree_zeros_like(params) if b1 else {},
-                                    nu=tree_zeros_like(params) if diagonal else {})
+                                    nu_sqrt=tree_zeros_like(params) if diagonal else {})
 
     def update(updates: Updates, state: ScaleByGraftingState, params: Params | None = None, **extra: Any):
         del params, extra
@@ -155,19 +159,19 @@ def scale_by_grafting(graft_type: str, *, b1: float = 0.0, b2: float | None = No
         else:
             mu, direction = state.mu, updates
         if not diagonal:
-            return direction, ScaleByGraftingState(count=count, mu=mu, nu=state.nu)
-        if b2 == 1.0:
-            nu = tree_map(lambda v, g: torch.addcmul(v, g, g), state.nu, updates)
+            return direction, ScaleByGraftingState(count=count, mu=mu, nu_sqrt=state.nu_sqrt)
+        if b2 == 1.0:  # AdaGrad's sum: sqrt(r² + g²)
+            nu_sqrt = tree_map(torch.hypot, state.nu_sqrt, updates)
         else:
-            nu = tree_map(lambda v, g: torch.addcmul(b2 * v, g, g, value=1.0 - b2), state.nu, updates)
+            nu_sqrt = tree_map(lambda r, g: root_mean_square(r, g, b2), state.nu_sqrt, updates)
 
-        def scaled(d: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def scaled(d: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
             if corrected:
-                v = v / bias_correction(b2, count, v)
+                r = r / bias_correction(b2, count, count.to(torch.float64)).sqrt().to(r.dtype)
             # A floor on the denominator: with eps = 0 and a zero gradient, 0/0 must not appear.
-            return d / (torch.sqrt(v) + eps).clamp_min(torch.finfo(d.dtype).tiny)
+            return d / (r + eps).clamp_min(torch.finfo(d.dtype).tiny)
 
-        return tree_map(scaled, direction, nu), ScaleByGraftingState(count=count, mu=mu, nu=nu)
+        return tree_map(scaled, direction, nu_sqrt), ScaleByGraftingState(count=count, mu=mu, nu_sqrt=nu_sqrt)
 
     return GradientTransformation(init, update)
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from fprecond.base import GradientTransformation, OptState, Params, Updates
+from fprecond.base import EmptyState, GradientTransformation, OptState, Params, Updates
 from fprecond.tree import PyTree, tree_flatten_with_names, tree_leaves, tree_unflatten_ordered
 
 __all__ = ["partition", "Labels"]
@@ -35,7 +35,8 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
     and every extra keyword argument. The state is a dict ``label -> inner state``.
 
     Args:
-        transforms: label -> transform. A label with no leaves gets an empty dict.
+        transforms: label -> transform. A label with no leaves is not called (its state
+            is an ``EmptyState``): many transforms cannot be built for an empty tree.
         labels: a tree shaped like the parameters with a label string per leaf, or a
             function ``params -> labels`` (evaluated at ``init`` and at each update,
             so it must depend on static properties only: names, shapes, ``ndim``).
@@ -80,7 +81,8 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
 
     def init(params: Params) -> dict[str, OptState]:
         groups = split(params, label_of(params))
-        return {label: transform.init(groups[label]) for label, transform in transforms.items()}
+        return {label: transform.init(groups[label]) if groups[label] else EmptyState()
+                for label, transform in transforms.items()}
 
     def update(updates: Updates, state: dict[str, OptState], params: Params | None = None, **extra: Any):
         labelled = label_of(params if params is not None else updates)
@@ -90,6 +92,9 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
         new_state: dict[str, OptState] = {}
         results: dict[str, torch.Tensor] = {}
         for label, transform in transforms.items():
+            if not update_groups[label]:
+                new_state[label] = state[label]
+                continue
             inner_params = param_groups[label] if param_groups is not None else None
             inner_updates, new_state[label] = transform.update(update_groups[label], state[label], inner_params,
                                                                **extra)

@@ -99,7 +99,7 @@ def test_steps_equal_the_dense_reimplementation(scale, nesterov):
     settings = dict(lr=0.02, momentum=0.9, nesterov=nesterov, wd=0.1, scale=scale)
     transform = muon(None, settings["lr"], settings["momentum"], nesterov, weight_decay=settings["wd"], scale=scale)
     state = transform.init(params)
-    assert set(state["muon"]["muon"].momentum) == {"tall", "wide", "kernel"}
+    assert set(state.inner_state["muon"]["muon"].momentum) == {"tall", "wide", "kernel"}
     expected = dense_muon_steps(params, gradients, **settings)
     current = params
     for grads, reference in zip(gradients, expected):
@@ -150,13 +150,14 @@ def test_routing_follows_the_reference_advice():
     assert muon_labels(cnn) == {"0.weight": "muon", "0.bias": "adamw", "3.weight": "adamw", "3.bias": "adamw"}
     transform = muon(md)
     state = transform.init(md.params())
-    assert set(state["muon"]["muon"].momentum) == {"mix", "hidden.weight"}
-    assert set(state["adamw"][0].mu) == set(md.param_names) - {"mix", "hidden.weight"}
+    assert set(state.inner_state["muon"]["muon"].momentum) == {"mix", "hidden.weight"}
+    assert set(state.inner_state["adamw"][0].mu) == set(md.param_names) - {"mix", "hidden.weight"}
     # Without a model, every matrix goes to Muon; labels override both rules.
     params = md.params()
-    assert set(muon().init(params)["muon"]["muon"].momentum) == {n for n, p in params.items() if p.ndim >= 2}
+    matrices = {n for n, p in params.items() if p.ndim >= 2}
+    assert set(muon().init(params).inner_state["muon"]["muon"].momentum) == matrices
     only_mix = {name: "muon" if name == "mix" else "adamw" for name in params}
-    assert set(muon(md, labels=only_mix).init(params)["muon"]["muon"].momentum) == {"mix"}
+    assert set(muon(md, labels=only_mix).init(params).inner_state["muon"]["muon"].momentum) == {"mix"}
 
 
 def test_adamw_part_equals_torch_adamw():

@@ -159,7 +159,7 @@ def test_state_is_reachable_by_name():
     inner = state.inner_state["shampoo"]["shampoo"].direction_state
     left, right = inner.statistics["weight"][0]
     assert left.shape == (1, 4, 4) and right.shape == (1, 3, 3)
-    assert set(state.inner_state["shampoo"]["grafting_only"].nu) == {"scale"}
+    assert set(state.inner_state["shampoo"]["grafting_only"].nu_sqrt) == {"scale"}
 
 
 # --------------------------------------------------------------------------- blocking

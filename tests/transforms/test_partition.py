@@ -50,6 +50,14 @@ def test_labels_as_a_tree_and_an_empty_label():
     updates, _ = opt.update(params, state, params)
     for name in params:
         torch.testing.assert_close(updates[name], -params[name])
+    # A label without leaves is never called: Adam cannot be built on an empty tree.
+    opt = fp.partition({"a": fp.sgd(1.0), "b": fp.adam(1e-3)}, {"w1": "a", "b1": "a", "w2": "a"})
+    state = opt.init(params)
+    assert state["b"] == fp.EmptyState()
+    updates, new_state = opt.update(params, state, params)
+    assert new_state["b"] == fp.EmptyState()
+    for name in params:
+        torch.testing.assert_close(updates[name], -params[name])
 
 
 def test_nested_trees_are_routed_by_path():
