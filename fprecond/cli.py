@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
-_SUITES = ("curvature", "recipes", "ensemble")
+_SUITES = ("curvature", "recipes", "ensemble", "distributed")
 _RECIPES = ("sgd", "adam", "kfac", "ekfac", "natural_gradient", "unit_wise_ng", "diag_ng", "smw_ng", "seng",
             "newton_cg", "newton", "shampoo", "shampoo_block128", "soap", "soap_block128", "psgd", "kbfgs", "muon",
             "sophia", "adahessian")
@@ -55,10 +55,12 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
                     "forward+backward pass of the same model. 'recipes': one training step of each recipe "
                     "(loss_and_grads + update + apply_updates) at each curvature/inverse interval, as ratios to "
                     "one SGD step; the MLP runs at batch 256 there. 'ensemble': one K-FAC step of an ensemble of 8 "
-                    "MLPs, vmapped against a Python loop over the members.")
+                    "MLPs, vmapped against a Python loop over the members. 'distributed': the K-FAC refresh of an "
+                    "8-layer MLP of width 1024 per rank, with the work shared among 1, 2 and 4 gloo processes "
+                    "launched once.")
     bench.add_argument("--suite", default="curvature",
-                       help="comma-separated, from: curvature, recipes, ensemble (default curvature; the full "
-                            "recipe suite takes about 20 minutes on one CPU)")
+                       help="comma-separated, from: curvature, recipes, ensemble, distributed (default curvature; "
+                            "the full recipe suite takes about 20 minutes on one CPU)")
     bench.add_argument("--models", default="mlp,cnn", help="comma-separated, from: mlp, cnn")
     bench.add_argument("--kinds", default="empirical_fisher,fisher_mc,ggn,fisher,hessian",
                        help="curvature suite; comma-separated, from: empirical_fisher, fisher_mc, ggn, fisher, "
@@ -71,6 +73,9 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--intervals", default="1,10",
                        help="recipe suite; comma-separated positive ints: curvature_every = inverse_every for "
                             "each scheduled recipe (default 1,10)")
+    bench.add_argument("--worlds", default=None,
+                       help="distributed suite; comma-separated world sizes including 1 (default 1,2,4; 1,2 with "
+                            "--quick)")
     bench.add_argument("--repeats", type=int, default=None,
                        help="timed calls per measurement (default 5; 1 with --quick)")
     bench.add_argument("--warmup", type=int, default=2,
@@ -95,10 +100,10 @@ def _comma_list(parser: argparse.ArgumentParser, option: str, text: str, choices
     return tuple(dict.fromkeys(items))  # drop repeats, keep the order given
 
 
-def _intervals(parser: argparse.ArgumentParser, text: str) -> tuple[int, ...]:
+def _intervals(parser: argparse.ArgumentParser, text: str, option: str = "--intervals") -> tuple[int, ...]:
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items or not all(item.isdigit() and int(item) > 0 for item in items):
-        parser.error(f"--intervals: expected a comma-separated list of positive ints; got {text!r}")
+        parser.error(f"{option}: expected a comma-separated list of positive ints; got {text!r}")
     return tuple(dict.fromkeys(int(item) for item in items))
 
 
@@ -113,6 +118,7 @@ def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         if not torch.cuda.is_available():
             parser.error("--device cuda: CUDA is not available")
     from fprecond.bench.curvature import KINDS, MODELS, STRUCTURES, BenchConfig, all_measured, run_bench
+    from fprecond.bench.distributed import DistributedBenchConfig, run_distributed_bench
     from fprecond.bench.ensemble import EnsembleBenchConfig, run_ensemble_bench
     from fprecond.bench.recipes import RECIPES, RecipeBenchConfig, run_recipe_bench
 
@@ -130,6 +136,14 @@ def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     ensemble = EnsembleBenchConfig(repeats=repeats, warmup=args.warmup, threads=args.threads, device=args.device,
                                    quick=args.quick, seed=args.seed,
                                    timeout=EnsembleBenchConfig.timeout if args.timeout is None else args.timeout)
+    worlds = _intervals(parser, args.worlds, "--worlds") if args.worlds is not None else \
+        ((1, 2) if args.quick else (1, 2, 4))
+    if 1 not in worlds:
+        parser.error(f"--worlds: must include 1 (the single-process baseline); got {args.worlds!r}")
+    distributed = DistributedBenchConfig(repeats=repeats, warmup=args.warmup, threads=args.threads,
+                                         quick=args.quick, seed=args.seed, worlds=worlds,
+                                         timeout=DistributedBenchConfig.timeout if args.timeout is None
+                                         else args.timeout)
     reports: dict[str, dict[str, Any]] = {}
     if "curvature" in suites:
         reports["curvature"] = run_bench(curvature)
@@ -141,6 +155,10 @@ def _run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         if reports:
             print()
         reports["ensemble"] = run_ensemble_bench(ensemble)
+    if "distributed" in suites:
+        if reports:
+            print()
+        reports["distributed"] = run_distributed_bench(distributed)
     if args.output is not None:
         from fprecond.bench.runner import write_report
 

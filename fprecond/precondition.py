@@ -24,7 +24,7 @@ factorisations that needed more damping or an eigendecomposition).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import torch
 
@@ -36,10 +36,54 @@ from fprecond.curvature.estimate import CurvatureEstimator, EstimatorState
 from fprecond.curvature.matrix import Curvature
 from fprecond.lazy import lazy_where
 from fprecond.schedules import evaluate
-from fprecond.solvers import Solver, solver_from
-from fprecond.tree import pytree_dataclass, tree_all_finite, tree_scale, tree_vdot
+from fprecond.solvers import Refreshed, Solver, solver_from
+from fprecond.tree import pytree_dataclass, tree_all_finite, tree_map, tree_scale, tree_vdot
 
-__all__ = ["precondition", "PreconditionState", "is_due"]
+__all__ = ["precondition", "PreconditionState", "is_due", "DataParallelism"]
+
+T = TypeVar("T")
+
+
+class DataParallelism(Protocol):
+    """How a preconditioner shares its work among data-parallel processes: the hooks
+    :func:`precondition` (and :func:`fprecond.shampoo`) call when given ``distributed=``.
+    :class:`fprecond.distributed.DataParallel` implements them with ``torch.distributed``.
+
+    Every method is called at the same point of the program on every process (the
+    schedule is a function of the step count, which all processes share).
+    """
+
+    @property
+    def mode(self) -> str:
+        """``"inverse"``, ``"gradient"`` or ``"replicate"`` (see :mod:`fprecond.distributed.sharding`)."""
+        ...
+
+    def reduce(self, curvature: Curvature) -> Curvature:
+        """A fresh local curvature estimate -> the estimate on all processes' batches."""
+        ...
+
+    def sampling_key(self, key: torch.Tensor) -> torch.Tensor:
+        """The step's shared key -> this process's key for Monte-Carlo draws."""
+        ...
+
+    def keep(self, solver: Solver, preconditioner: Curvature) -> Curvature:
+        """The part of a preconditioner computed by every process (at ``init``) that this one keeps."""
+        ...
+
+    def refresh(self, solver: Solver, curvature: Curvature, damping: torch.Tensor | float,
+                previous: Curvature) -> Refreshed:
+        """``solver.refresh(curvature, damping)`` with the work shared; ``previous`` is the last result."""
+        ...
+
+    def apply(self, solver: Solver, preconditioner: Curvature, vector: dict[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+        """``solver.apply(preconditioner, vector)`` on a preconditioner from :meth:`refresh`."""
+        ...
+
+    def share(self, compute: Callable[[int], T], templates: Sequence[T]) -> list[T]:
+        """``[compute(i) for i in range(len(templates))]``, each computed by one process and
+        sent to the others (``templates[i]`` is shaped like ``compute(i)``)."""
+        ...
 
 
 @pytree_dataclass
@@ -72,7 +116,8 @@ def is_due(count: torch.Tensor, every: int, warmup: int = 0) -> torch.Tensor:
 def precondition(estimator: CurvatureEstimator | EigenbasisEstimator, solver: Solver | str = "cholesky", *,
                  damping: ScalarOrSchedule = 1e-3, curvature_every: int = 1, inverse_every: int = 1,
                  warmup: int = 0, kl_clip: float | None = None,
-                 learning_rate: ScalarOrSchedule | None = None) -> GradientTransformation:
+                 learning_rate: ScalarOrSchedule | None = None,
+                 distributed: DataParallelism | None = None) -> GradientTransformation:
     """Precondition gradients with ``solver(C + λ I)`` of ``estimator``'s running curvature.
 
     Args:
@@ -89,6 +134,13 @@ def precondition(estimator: CurvatureEstimator | EigenbasisEstimator, solver: So
             (Ba et al. 2017), which bounds the step's KL divergence under the
             curvature's quadratic model; needs ``learning_rate``.
         learning_rate: the learning rate applied later in the chain (for ``kl_clip``).
+        distributed: ``None`` (one process), or data-parallel hooks
+            (:class:`fprecond.distributed.DataParallel`): each fresh estimate is averaged over
+            the processes before the NaN check and the running average, Monte-Carlo draws use
+            ``distributed.sampling_key``, and refreshes (and in ``"gradient"`` mode the product
+            ``P g``) are shared among the processes. Needs a
+            :class:`~fprecond.curvature.CurvatureEstimator` (not ``lowrank``) and gradients
+            already averaged over the processes; cannot run under ``vmap``.
 
     ``update(grads, state, params, batch=(inputs, targets), key=..., buffers=...)``:
     ``batch`` is required; ``key`` is required by ``fisher_mc`` estimators and is
@@ -111,6 +163,17 @@ def precondition(estimator: CurvatureEstimator | EigenbasisEstimator, solver: So
             raise ValueError(f"{owner}: kl_clip needs the learning_rate the chain applies")
         check_number(owner, "learning_rate", learning_rate, low=0.0, low_inclusive=False, allow_schedule=True)
     needs_key = estimator.kind == "fisher_mc"
+    if distributed is not None:
+        if not isinstance(estimator, CurvatureEstimator):
+            raise TypeError(f"{owner}: distributed= needs a CurvatureEstimator (its fresh estimates are averaged "
+                            f"over processes), got {type(estimator).__name__}")
+        if estimator.structure == "lowrank":
+            raise ValueError(f"{owner}: distributed= cannot average 'lowrank' estimates (their vectors would have to "
+                             "be gathered, not averaged); use another structure")
+        for method in ("reduce", "sampling_key", "keep", "refresh", "apply"):
+            if not callable(getattr(distributed, method, None)):
+                raise TypeError(f"{owner}: distributed must offer {method}() (fprecond.distributed.DataParallel), "
+                                f"got {type(distributed).__name__}")
 
     def damping_at(count: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return evaluate(damping, count).to(like.dtype)
@@ -121,7 +184,10 @@ def precondition(estimator: CurvatureEstimator | EigenbasisEstimator, solver: So
         like = next(iter(params.values()))
         refreshed = solver.refresh(estimator_state.curvature, damping_at(count, like))
         zero = torch.zeros_like(count)
-        return PreconditionState(count, estimator_state, refreshed.preconditioner, zero, zero, zero)
+        preconditioner = refreshed.preconditioner
+        if distributed is not None:
+            preconditioner = distributed.keep(solver, preconditioner)
+        return PreconditionState(count, estimator_state, preconditioner, zero, zero, zero)
 
     def update(updates: Updates, state: PreconditionState, params: Params | None = None, **extra: Any):
         params = require_params(owner, params)
@@ -137,26 +203,43 @@ def precondition(estimator: CurvatureEstimator | EigenbasisEstimator, solver: So
 
         def estimate() -> tuple[Any, torch.Tensor]:
             step_key = random_keys.fold_in(key, count) if key is not None and needs_key else None
-            fresh = estimator.update(state.estimator, params, batch, step_key, extra.get("buffers"))  # type: ignore[arg-type]
-            bad = ~tree_all_finite(fresh.curvature)
+            buffers = extra.get("buffers")
+            if distributed is None:
+                fresh = estimator.update(state.estimator, params, batch, step_key, buffers)  # type: ignore[arg-type]
+            else:  # averaged before the NaN check, so that every process takes the same decision
+                assert isinstance(estimator, CurvatureEstimator)  # checked at construction
+                local_key = None if step_key is None else distributed.sampling_key(step_key)
+                fresh = estimator.update(state.estimator, params, batch, local_key, buffers,  # type: ignore[arg-type]
+                                         reduce=distributed.reduce)
+            bad = ~tree_all_finite(fresh)  # the whole new state: EKFAC keeps its running factors outside .curvature
             return lazy_where(bad, lambda: state.estimator, fresh), bad.to(count.dtype)
 
         curvature_due = is_due(count, curvature_every, warmup)
         estimator_state, rejected = lazy_where(curvature_due, estimate, (state.estimator, torch.zeros_like(count)))
 
         def refresh() -> tuple[Curvature, torch.Tensor, torch.Tensor]:
-            refreshed = solver.refresh(estimator_state.curvature, damping_at(count, like))
+            if distributed is None:
+                refreshed = solver.refresh(estimator_state.curvature, damping_at(count, like))
+            else:
+                refreshed = distributed.refresh(solver, estimator_state.curvature, damping_at(count, like),
+                                                state.preconditioner)
             return refreshed.preconditioner, refreshed.failures.to(count.dtype), torch.ones_like(count)
 
         inverse_due = is_due(count, inverse_every, warmup)
         zero = torch.zeros_like(count)
         preconditioner, failures, refreshed = lazy_where(inverse_due, refresh, (state.preconditioner, zero, zero))
 
-        directions = solver.apply(preconditioner, updates)
+        if distributed is None:
+            directions = solver.apply(preconditioner, updates)
+        else:
+            directions = distributed.apply(solver, preconditioner, updates)
         if kl_clip is not None:
             assert learning_rate is not None
             rate = evaluate(learning_rate, count)
-            quadratic = tree_vdot(directions, updates).abs().to(torch.float64) * rate.square()
+            # In float64: for a float32 gradient of 1e30, dᵀg overflows float32 (inf, or NaN from
+            # inf - inf), which would skip the step (or zero it).
+            wide = [tree_map(lambda x: x.to(torch.float64), tree) for tree in (directions, updates)]
+            quadratic = tree_vdot(*wide).abs() * rate.to(torch.float64).square()
             factor = torch.clamp(torch.sqrt(kl_clip / quadratic.clamp(min=torch.finfo(torch.float64).tiny)), max=1.0)
             directions = tree_scale(directions, factor.to(like.dtype))
 

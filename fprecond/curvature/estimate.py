@@ -25,7 +25,7 @@ weight sharing, ``expand`` sums the position-diagonal blocks ``∂²L/∂z_np²`
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 import torch
 
@@ -366,8 +366,14 @@ class CurvatureEstimator:
         return EstimatorState(torch.zeros((), dtype=torch.int64, device=like.device), curvature)
 
     def update(self, state: EstimatorState, params: Params, batch: Any, key: torch.Tensor | None = None,
-               buffers: Params | None = None) -> EstimatorState:
+               buffers: Params | None = None,
+               reduce: Callable[[Curvature], Curvature] | None = None) -> EstimatorState:
+        """Fold a fresh estimate on ``batch`` into the running average; ``reduce``, if given,
+        maps the fresh estimate first (data-parallel training averages it over processes
+        there, so that the running average is the same in every process)."""
         fresh = self.estimate(params, batch, key, buffers)
+        if reduce is not None:
+            fresh = reduce(fresh)
         curvature = running_average(state.curvature, fresh, state.count == 0, self.decay)
         return EstimatorState(state.count + 1, curvature)
 
