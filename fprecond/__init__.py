@@ -3,7 +3,20 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from fprecond import analysis, curvature, layers, losses, random, schedules, solvers, tree
+from fprecond import (
+    analysis,
+    continual,
+    curvature,
+    distributed,
+    importance,
+    laplace,
+    layers,
+    losses,
+    random,
+    schedules,
+    solvers,
+    tree,
+)
 from fprecond.base import (
     EmptyState,
     GradientTransformation,
@@ -30,6 +43,9 @@ from fprecond.func import (
     vjp,
 )
 from fprecond.checkpoint import load_state, save_state
+from fprecond.continual import TaskMemory, consolidate, ewc, ewc_penalty, task_memory
+from fprecond.importance import apply_mask, magnitude_saliency, prune_mask, saliency
+from fprecond.laplace import LaplacePosterior, fit_laplace
 from fprecond.curvature import Curvature, CurvatureEstimator
 from fprecond.ensemble import ensemble_predict, ensemble_step, init_ensemble, member, stack_members
 from fprecond.modeling import Layer, Model, model
@@ -81,6 +97,7 @@ from fprecond.transforms import (
     scale_by_grafting,
     scale_by_learning_rate,
     trace,
+    with_precision,
 )
 from fprecond.taps import Taps, layer_taps
 from fprecond.training import train_step
@@ -95,6 +112,7 @@ __all__ = [
     "CurvatureEstimator",
     "EmptyState",
     "GradientTransformation",
+    "LaplacePosterior",
     "Layer",
     "Model",
     "OptState",
@@ -103,6 +121,7 @@ __all__ = [
     "ScaleByAdamState",
     "ScaleByScheduleState",
     "Schedule",
+    "TaskMemory",
     "Taps",
     "TraceState",
     "Updates",
@@ -137,7 +156,20 @@ __all__ = [
     "sophia",
     "solvers",
     "unit_wise_ng",
+    "with_precision",
     "add_decayed_weights",
+    "apply_mask",
+    "consolidate",
+    "continual",
+    "ewc",
+    "ewc_penalty",
+    "fit_laplace",
+    "importance",
+    "laplace",
+    "magnitude_saliency",
+    "prune_mask",
+    "saliency",
+    "task_memory",
     "analysis",
     "apply_if_finite",
     "apply_updates",
@@ -145,6 +177,7 @@ __all__ = [
     "clip_by_global_norm",
     "graft",
     "curvature",
+    "distributed",
     "empirical_fisher_vp",
     "ensemble_predict",
     "ensemble_step",
