@@ -59,7 +59,6 @@ __all__ = [
     "kron_factor_update",
     "kron_precondition",
     "pair_scale",
-    "safe_norm",
 ]
 
 
@@ -106,14 +105,6 @@ def init_kron_factors(shape: torch.Size | tuple[int, ...], max_size: int | None,
         return torch.full((size,), root, dtype=dtype, device=device)
 
     return KronFactors(factor(rows), factor(cols))
-
-
-def safe_norm(x: torch.Tensor) -> torch.Tensor:
-    """``‖x‖₂`` computed as ``m ‖x / m‖₂`` with ``m = max|x|``: no overflow of the squares
-    for entries near 1e30 in float32, no underflow for entries near 1e-30."""
-    peak = x.abs().amax()
-    tiny = torch.finfo(x.dtype).tiny
-    return peak * torch.linalg.vector_norm(x / peak.clamp_min(tiny))
 
 
 def pair_scale(v_norm: torch.Tensor, h_norm: torch.Tensor) -> torch.Tensor:

@@ -82,11 +82,11 @@ from fprecond.optimizers._psgd_factors import (
     kron_precondition,
     matrix_shape,
     pair_scale,
-    safe_norm,
 )
 from fprecond.optimizers._recipe import recipe
 from fprecond.precondition import is_due
 from fprecond.transforms import clip_by_global_norm
+from fprecond.transforms.grafting import safe_norm
 from fprecond.tree import PyTree, ravel, tree_flatten_ordered, tree_leaves, tree_map, tree_unflatten_ordered
 
 __all__ = ["scale_by_psgd", "psgd", "psgd_pair", "ScaleByPSGDState"]
