@@ -35,7 +35,7 @@ the exact block.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
@@ -46,7 +46,7 @@ from fprecond.curvature.matrix import Curvature
 from fprecond.modeling import Model, unpack_batch
 from fprecond.tree import tree_add
 
-__all__ = ["DatasetCurvature", "dataset_curvature", "dataset_statistics", "summed_loss_model"]
+__all__ = ["DatasetCurvature", "dataset_curvature", "dataset_statistics", "summed_loss_model", "accumulate_batches"]
 
 Params = dict[str, torch.Tensor]
 
@@ -73,10 +73,10 @@ def summed_loss_model(model: Model) -> Model:
                                shape_memo=model.shape_memo)
 
 
-def _examples_in(batch: Any, index: int) -> int:
+def _examples_in(batch: Any, index: int, owner: str) -> int:
     _, targets = unpack_batch(batch)
     if not isinstance(targets, torch.Tensor) or targets.dim() == 0 or targets.shape[0] == 0:
-        raise ValueError(f"dataset curvature: batch {index} must have targets with a leading example dimension "
+        raise ValueError(f"{owner}: batch {index} must have targets with a leading example dimension "
                          f"of size >= 1, got {type(targets).__name__} "
                          f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else ''}")
     return int(targets.shape[0])
@@ -132,14 +132,32 @@ def dataset_statistics(model: Model, params: Params, batches: Iterable[Any], *, 
         raise TypeError(f"{owner}: batches must be an iterable of (inputs, targets) pairs, got one pair; "
                         "wrap it in a list: [(inputs, targets)]")
     summed = summed_loss_model(model)
+
+    def estimate_batch(batch: Any, batch_key: torch.Tensor | None) -> Curvature:
+        return estimate(summed, params, batch, kind=kind, structure=structure, approx=approx, key=batch_key,
+                        samples=samples, per=per, fallback=fallback, buffers=buffers)
+
+    return accumulate_batches(summed, params, batches, estimate_batch, key=key, buffers=buffers, owner=owner)
+
+
+def accumulate_batches(summed: Model, params: Params, batches: Iterable[Any],
+                       estimate_batch: Callable[[Any, torch.Tensor | None], Curvature], *,
+                       key: torch.Tensor | None, buffers: Params | None, owner: str) -> DatasetCurvature:
+    """The accumulation loop of :func:`dataset_statistics` for any per-batch estimate.
+
+    ``summed`` is the model with a summed loss (:func:`summed_loss_model`);
+    ``estimate_batch(batch, key)`` returns the curvature of one batch's summed loss (the
+    key is ``fold_in(key, b)`` for batch ``b``, or None). Kronecker input factors are
+    averaged over all examples and every other leaf summed; ``owner`` names the
+    caller in errors.
+    """
     total: Curvature | None = None
     loss: torch.Tensor | None = None
     examples = 0
     for index, batch in enumerate(batches):
-        count = _examples_in(batch, index)
+        count = _examples_in(batch, index, owner)
         batch_key = None if key is None else fprandom.fold_in(key, index)
-        fresh = estimate(summed, params, batch, kind=kind, structure=structure, approx=approx, key=batch_key,
-                         samples=samples, per=per, fallback=fallback, buffers=buffers)
+        fresh = estimate_batch(batch, batch_key)
         batch_loss = summed.batch_loss(params, batch, buffers).detach()
         if total is None or loss is None:
             total, loss = _weighted(fresh, float(count)), batch_loss
@@ -148,9 +166,8 @@ def dataset_statistics(model: Model, params: Params, batches: Iterable[Any], *, 
         examples += count
     if total is None or loss is None:
         raise ValueError(f"{owner}: batches is empty")
-    device = loss.device
     return DatasetCurvature(_weighted(total, 1.0 / examples), loss,
-                            torch.tensor(examples, dtype=torch.int64, device=device))
+                            torch.tensor(examples, dtype=torch.int64, device=loss.device))
 
 
 def dataset_curvature(model: Model, params: Params, batches: Iterable[Any], *, kind: str, structure: str,

@@ -54,7 +54,8 @@ __all__ = ["estimate", "estimator", "CurvatureEstimator", "EstimatorState", "run
 Params = dict[str, torch.Tensor]
 
 
-def _check_options(kind: str, key: torch.Tensor | None, samples: int, per: str) -> None:
+def check_options(kind: str, key: torch.Tensor | None, samples: int, per: str) -> None:
+    """Raise for sampling options that do not fit ``kind`` (a missing key for ``fisher_mc``, ...)."""
     owner = "curvature"
     check_choice(owner, "per", per, ("example", "term"))
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -239,7 +240,7 @@ def estimate(model: Model, params: Params, batch: Any, *, kind: str, structure: 
         loss gives a mean curvature).
     """
     plans = plan_blocks(model, kind, structure, approx, fallback)
-    _check_options(kind, key, samples, per)
+    check_options(kind, key, samples, per)
     model.check_params(params)
     builder = BlockBuilder(model, params, batch, kind, approx, key, samples, per, buffers)
     builder.truncate = truncate
@@ -333,7 +334,7 @@ class CurvatureEstimator:
                 raise ValueError(f"{owner}: structure 'lowrank' needs example_inputs, one batch of inputs of the "
                                  "size used for estimates (its shape fixes the number of vectors)")
         dummy_key = torch.zeros(2, dtype=torch.int64) if self.kind == "fisher_mc" else None
-        _check_options(self.kind, dummy_key, self.samples, self.per)
+        check_options(self.kind, dummy_key, self.samples, self.per)
 
     @property
     def plans(self) -> tuple[BlockPlan, ...]:

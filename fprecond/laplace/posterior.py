@@ -26,20 +26,27 @@ mean), except that its per-layer prior has one entry per parameter tensor.
 A :class:`LaplacePosterior` holds tensors only (static metadata aside), so an
 ensemble of posteriors is a posterior with stacked leaves and goes through
 ``torch.func.vmap``.
+
+Last-layer and subnetwork Laplace (Kristiadi et al. 2020; Daxberger et al. 2021):
+``fit_laplace(..., subset=...)`` restricts the Gaussian to a subset ``S`` of the
+parameters (:mod:`fprecond.laplace.subset`), ``P = s · C_SS + P₀,S``; the other
+parameters stay at their MAP values. ``mean`` still holds every parameter, the
+curvature (hence ``P``, the prior groups and the prior term of the marginal
+likelihood) only the subset's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 import torch
 
 from fprecond._validation import check_choice, check_number
 from fprecond.curvature.blocks import CurvatureBlock, DenseBlock, DiagonalBlock, KroneckerBlock, UnitBlock
-from fprecond.curvature.dataset import dataset_statistics
 from fprecond.curvature.matrix import Curvature
+from fprecond.laplace.subset import resolve_subset, subset_statistics
 from fprecond.losses import CrossEntropyLoss, MSELoss
 from fprecond.modeling import Model, unpack_batch
 from fprecond.tree import pytree_dataclass, static_field
@@ -53,13 +60,20 @@ PriorGroups = tuple[tuple[str, tuple[str, ...]], ...]
 STRUCTURES: tuple[str, ...] = ("full", "layer", "kron", "unit", "diag")
 
 
-def prior_groups(model: Model) -> PriorGroups:
+def prior_groups(model: Model, subset: Collection[str] | None = None) -> PriorGroups:
     """``((label, parameter names), ...)``: one group per supported layer (its weight and
     bias) and one per parameter outside supported layers, ordered by their first
     parameter in ``named_parameters`` order. A per-layer prior precision has one entry
-    per group, in this order."""
+    per group, in this order.
+
+    With ``subset`` (parameter names), each group keeps its names inside the subset and
+    groups left empty are dropped: the prior groups of a subnetwork posterior."""
     groups: list[tuple[str, tuple[str, ...]]] = [(layer.name, layer.param_names) for layer in model.layers]
     groups += [(name, (name,)) for name in model.unsupported]
+    if subset is not None:
+        wanted = set(subset)
+        groups = [(label, tuple(name for name in names if name in wanted)) for label, names in groups]
+        groups = [(label, names) for label, names in groups if names]
     order = {name: index for index, name in enumerate(model.param_names)}
     return tuple(sorted(groups, key=lambda group: order[group[1][0]]))
 
@@ -69,8 +83,10 @@ class LaplacePosterior:
     """A Laplace posterior ``N(mean, P⁻¹)`` with ``P = likelihood_scale · curvature + P₀``.
 
     Attributes:
-        mean: the parameters it is centred on (``{name: tensor}``, the MAP estimate).
-        curvature: the curvature ``C`` of the summed training loss at ``mean``.
+        mean: the parameters it is centred on (``{name: tensor}``, the MAP estimate):
+            every parameter of the model, including those outside the subset.
+        curvature: the curvature ``C`` of the summed training loss at ``mean``, over
+            the subset's parameters (``curvature.names``; all of them by default).
         prior_precision: ``δ``: 0-dim (one for all parameters) or ``(L,)``, one per
             entry of ``groups`` (per layer).
         loss: the summed training loss ``Σ_n ℓ_n`` at ``mean`` (0-dim).
@@ -81,7 +97,7 @@ class LaplacePosterior:
         sigma_noise: the regression likelihood's noise standard deviation ``σ`` (0-dim;
             1 for classification).
         likelihood: ``"classification"`` (cross-entropy) or ``"regression"`` (squared error).
-        groups: the prior groups (:func:`prior_groups`), static.
+        groups: the prior groups of the subset (:func:`prior_groups`), static.
     """
 
     mean: Params
@@ -105,7 +121,24 @@ class LaplacePosterior:
 
     @property
     def num_params(self) -> int:
+        """The number of parameters the Gaussian covers (the subset's)."""
         return self.curvature.size
+
+    @property
+    def subset(self) -> tuple[str, ...]:
+        """The names of the parameters the Gaussian covers, in ``named_parameters`` order;
+        the others are fixed at ``mean``."""
+        return self.curvature.names
+
+    def subset_mean(self) -> Params:
+        """``{name: mean[name]}`` over :attr:`subset`."""
+        return {name: self.mean[name] for name in self.curvature.names}
+
+    def with_sigma_noise(self, sigma_noise: float | torch.Tensor) -> "LaplacePosterior":
+        """The same posterior with another regression noise ``σ`` (a positive number or a
+        0-dim tensor; the precision's likelihood scale ``1/(2σ²T)`` follows)."""
+        return dataclasses.replace(self, sigma_noise=sigma_noise_tensor(sigma_noise, self.likelihood,
+                                                                   self.sigma_noise, "with_sigma_noise"))
 
     def with_prior_precision(self, prior_precision: float | torch.Tensor) -> "LaplacePosterior":
         """The same posterior with another prior precision (checked like :func:`fit_laplace`'s)."""
@@ -138,6 +171,23 @@ def _prior_tensor(value: float | torch.Tensor, groups: int, like: torch.Tensor) 
     return torch.tensor(float(value), dtype=like.dtype, device=like.device)
 
 
+def sigma_noise_tensor(value: float | torch.Tensor, likelihood: str, like: torch.Tensor, owner: str) -> torch.Tensor:
+    """``value`` as a 0-dim tensor in ``like``'s dtype and device: the regression noise ``σ``.
+
+    Numbers are checked positive; a tensor is checked for its shape only, so that
+    ``σ`` can be traced (``grad``, ``vmap``) without reading its value."""
+    if likelihood != "regression":
+        raise ValueError(f"{owner}: sigma_noise is the regression likelihood's noise; it is fixed at 1 for "
+                         f"{likelihood}")
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{owner}: sigma_noise must be a number or a 0-dim tensor, got shape "
+                             f"{tuple(value.shape)}")
+        return value.to(dtype=like.dtype, device=like.device)
+    check_number(owner, "sigma_noise", value, low=0.0, low_inclusive=False)
+    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+
 def _likelihood_of(model: Model) -> str:
     if isinstance(model.loss, CrossEntropyLoss):
         return "classification"
@@ -149,7 +199,8 @@ def _likelihood_of(model: Model) -> str:
 def fit_laplace(model: Model, params: Params, batches: Iterable[Any], *, kind: str = "ggn", structure: str = "kron",
                 prior_precision: float | torch.Tensor = 1.0, temperature: float = 1.0, sigma_noise: float = 1.0,
                 approx: str = "expand", key: torch.Tensor | None = None, samples: int = 1,
-                fallback: str = "error", buffers: Params | None = None) -> LaplacePosterior:
+                fallback: str = "error", buffers: Params | None = None,
+                subset: str | Collection[str] = "all") -> LaplacePosterior:
     """Fit a Laplace posterior at ``params`` (trained to a minimum of the regularised loss).
 
     One pass over ``batches`` computes the curvature of the summed loss
@@ -157,6 +208,10 @@ def fit_laplace(model: Model, params: Params, batches: Iterable[Any], *, kind: s
     The GGN (the default) is positive semi-definite; the Hessian can be indefinite
     at an inexact optimum, and its negative curvature is handled as described in
     :mod:`fprecond.laplace.factor`.
+
+    With ``subset`` other than ``"all"``, only the subset's curvature blocks are
+    estimated (for ``full``, one ``(|S|, |S|)`` block over the subset's ``|S|`` entries)
+    and the other parameters stay at ``params``.
 
     Args:
         model: from :func:`fprecond.model`, with a cross-entropy (classification) or
@@ -174,6 +229,10 @@ def fit_laplace(model: Model, params: Params, batches: Iterable[Any], *, kind: s
         approx, key, samples, fallback, buffers: as
             :func:`fprecond.curvature.estimate` (``key`` for ``fisher_mc``, folded
             with the batch index).
+        subset: ``"all"`` (default), ``"last_layer"`` (the last supported layer's weight
+            and bias; Kristiadi et al. 2020) or a collection of parameter names
+            (subnetwork inference; Daxberger et al. 2021). See
+            :mod:`fprecond.laplace.subset` for the blocks a subset gets.
 
     Returns:
         A :class:`LaplacePosterior`.
@@ -187,8 +246,9 @@ def fit_laplace(model: Model, params: Params, batches: Iterable[Any], *, kind: s
         raise ValueError(f"{owner}: sigma_noise is the regression noise; it must be 1 for classification, "
                          f"got {sigma_noise}")
     model.check_params(params)
+    names = resolve_subset(model, subset)
     like = next(iter(params.values()))
-    groups = prior_groups(model)
+    groups = prior_groups(model, None if names == model.param_names else names)
     delta = _prior_tensor(prior_precision, len(groups), like)
 
     target_entries: list[int] = []
@@ -198,8 +258,8 @@ def fit_laplace(model: Model, params: Params, batches: Iterable[Any], *, kind: s
             target_entries.append(int(unpack_batch(batch)[1].numel()))
             yield batch
 
-    stats = dataset_statistics(model, params, counted(), kind=kind, structure=structure, approx=approx, key=key,
-                               samples=samples, fallback=fallback, buffers=buffers)
+    stats = subset_statistics(model, params, counted(), names, kind=kind, structure=structure, approx=approx, key=key,
+                              samples=samples, fallback=fallback, buffers=buffers)
 
     def scalar(value: float) -> torch.Tensor:
         return torch.tensor(value, dtype=like.dtype, device=like.device)

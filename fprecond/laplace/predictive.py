@@ -17,6 +17,9 @@ the whitened Jacobian rows of :mod:`fprecond.laplace.factor`). Then
   ``N(f, Σ_f)`` (a key is needed);
 - regression: ``y ~ N(f, Σ_f + σ² I)``; the diagonal is returned.
 
+For a subset posterior (last-layer, subnetwork), ``J`` is the Jacobian w.r.t. the
+subset's parameters only, the others held at their MAP values.
+
 Shapes: inputs of ``N`` examples; outputs ``(N, C)`` or ``(N, T, C)``; ``K`` is the
 number of outputs per example (``C`` or ``T·C``).
 """
@@ -66,14 +69,17 @@ class FunctionalPosterior(NamedTuple):
     covariance: torch.Tensor
 
 
-def _example_jacobians(model: Model, params: Params, inputs: Any, buffers: Params | None) -> Params:
-    """``{name: (N, K, *shape)}``: each example's output Jacobian, by ``vmap(jacrev)``."""
+def _example_jacobians(model: Model, params: Params, subset: tuple[str, ...], inputs: Any,
+                       buffers: Params | None) -> Params:
+    """``{name: (N, K, *shape)}`` over ``subset``: each example's output Jacobian, by
+    ``vmap(jacrev)``, the other parameters held at ``params``."""
+    variables = {name: params[name] for name in subset}
 
     def single(example: Any) -> Params:
         def outputs(p: Params) -> torch.Tensor:
-            return model.apply(p, tree_map(lambda t: t.unsqueeze(0), example), buffers).reshape(-1)
+            return model.apply({**params, **p}, tree_map(lambda t: t.unsqueeze(0), example), buffers).reshape(-1)
 
-        return jacrev(outputs)(params)
+        return jacrev(outputs)(variables)
 
     return vmap(single)(inputs)
 
@@ -84,11 +90,11 @@ def functional_covariance(model: Model, posterior: LaplacePosterior, inputs: Any
     """The outputs at the posterior mean and the functional covariance ``J P⁻¹ Jᵀ`` per example.
 
     Costs one Jacobian per example (``K`` backward passes, vmapped) and memory
-    ``N · K · P``: pass a test set in chunks when that is large.
+    ``N · K · P`` (``P`` the subset's size): pass a test set in chunks when that is large.
     """
     factor = factorize(posterior) if factor is None else factor
     outputs = model.apply(posterior.mean, inputs, buffers).detach()
-    jacobians = _example_jacobians(model, posterior.mean, inputs, buffers)
+    jacobians = _example_jacobians(model, posterior.mean, posterior.subset, inputs, buffers)
     first = next(iter(jacobians.values()))
     n, k = first.shape[0], first.shape[1]
     rows = {name: value.reshape(n * k, *value.shape[2:]) for name, value in jacobians.items()}

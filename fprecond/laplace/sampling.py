@@ -8,6 +8,10 @@ with the Cholesky factor, for diagonal blocks an elementwise scaling. The
 samples' covariance is ``P⁻¹`` exactly in expectation. Pure: the same key gives
 the same samples, and ``vmap`` over keys or over an ensemble of posteriors
 equals a loop.
+
+A subset posterior (last-layer, subnetwork) draws ``z`` for the subset only; the
+other parameters come back at their MAP values, bit for bit (an expanded view
+of ``mean``, no copy).
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ def sample_parameters(posterior: LaplacePosterior, key: torch.Tensor, num_sample
             factorisation across calls (computed when None).
 
     Returns:
-        ``{name: (S, *shape)}``: stack of samples, ready for ``vmap(model.apply)``.
+        ``{name: (S, *shape)}`` for every parameter of ``posterior.mean``: stack of
+        samples, ready for ``vmap(model.apply)``. Parameters outside the posterior's
+        subset are ``mean[name]`` expanded along the sample dimension (a view).
 
     Example::
 
@@ -60,7 +66,12 @@ def sample_parameters(posterior: LaplacePosterior, key: torch.Tensor, num_sample
         raise TypeError(f"sample_parameters: key must be a key tensor from fprecond.random.key, "
                         f"got {type(key).__name__}")
     factor = factorize(posterior) if factor is None else factor
-    noise = standard_normal_like(key, posterior.mean, num_samples)
+    covered = set(posterior.subset)
+    # The draw follows ``mean``'s order, so "all" draws exactly what it always has.
+    noise = standard_normal_like(key, {name: value for name, value in posterior.mean.items() if name in covered},
+                                 num_samples)
     deviations = factor.color(noise)
-    return {name: posterior.mean[name].unsqueeze(0) + deviations[name] for name in posterior.mean}
+    return {name: value.unsqueeze(0) + deviations[name] if name in covered
+            else value.unsqueeze(0).expand(num_samples, *value.shape)
+            for name, value in posterior.mean.items()}
 
