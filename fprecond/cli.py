@@ -55,9 +55,9 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
                     "forward+backward pass of the same model. 'recipes': one training step of each recipe "
                     "(loss_and_grads + update + apply_updates) at each curvature/inverse interval, as ratios to "
                     "one SGD step; the MLP runs at batch 256 there. 'ensemble': one K-FAC step of an ensemble of 8 "
-                    "MLPs, vmapped against a Python loop over the members. 'distributed': the K-FAC refresh of an "
-                    "8-layer MLP of width 1024 per rank, with the work shared among 1, 2 and 4 gloo processes "
-                    "launched once.")
+                    "MLPs, vmapped against a Python loop over the members. 'distributed': the K-FAC refresh (inverses) "
+                    "and the EKFAC refresh (eigenbases) of an 8-layer MLP of width 1024 per rank, with the work "
+                    "shared among 1, 2 and 4 gloo processes launched once.")
     bench.add_argument("--suite", default="curvature",
                        help="comma-separated, from: curvature, recipes, ensemble, distributed (default curvature; "
                             "the full recipe suite takes about 20 minutes on one CPU)")

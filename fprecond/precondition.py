@@ -80,9 +80,17 @@ class DataParallelism(Protocol):
         """``solver.apply(preconditioner, vector)`` on a preconditioner from :meth:`refresh`."""
         ...
 
-    def share(self, compute: Callable[[int], T], templates: Sequence[T]) -> list[T]:
+    def share(self, compute: Callable[[int], T], templates: Sequence[T], prices: Sequence[Any] | None = None
+              ) -> list[T]:
         """``[compute(i) for i in range(len(templates))]``, each computed by one process and
-        sent to the others (``templates[i]`` is shaped like ``compute(i)``)."""
+        sent to the others (``templates[i]`` is shaped like ``compute(i)``). Items are given
+        to processes by the cost of ``prices[i]`` (default ``templates[i]``): pytrees whose
+        tensors' shapes stand for the work (they may be on the ``meta`` device)."""
+        ...
+
+    def owned(self, prices: Sequence[Any]) -> list[bool]:
+        """Whether this process computes item ``i`` of a :meth:`share` with these ``prices``
+        (all True in one process or ``"replicate"`` mode)."""
         ...
 
 
@@ -139,8 +147,10 @@ def precondition(estimator: CurvatureEstimator | EigenbasisEstimator, solver: So
             the processes before the NaN check and the running average, Monte-Carlo draws use
             ``distributed.sampling_key``, and refreshes (and in ``"gradient"`` mode the product
             ``P g``) are shared among the processes. Needs a
-            :class:`~fprecond.curvature.CurvatureEstimator` (not ``lowrank``) and gradients
-            already averaged over the processes; cannot run under ``vmap``.
+            :class:`~fprecond.curvature.CurvatureEstimator` (not ``lowrank``) or an
+            :class:`~fprecond.curvature.eigenbasis.EigenbasisEstimator` (its factors and
+            moments are averaged, its eigendecompositions shared; not in ``"gradient"`` mode),
+            and gradients already averaged over the processes; cannot run under ``vmap``.
 
     ``update(grads, state, params, batch=(inputs, targets), key=..., buffers=...)``:
     ``batch`` is required; ``key`` is required by ``fisher_mc`` estimators and is
@@ -164,13 +174,18 @@ def precondition(estimator: CurvatureEstimator | EigenbasisEstimator, solver: So
         check_number(owner, "learning_rate", learning_rate, low=0.0, low_inclusive=False, allow_schedule=True)
     needs_key = estimator.kind == "fisher_mc"
     if distributed is not None:
-        if not isinstance(estimator, CurvatureEstimator):
-            raise TypeError(f"{owner}: distributed= needs a CurvatureEstimator (its fresh estimates are averaged "
-                            f"over processes), got {type(estimator).__name__}")
+        if not isinstance(estimator, (CurvatureEstimator, EigenbasisEstimator)):
+            raise TypeError(f"{owner}: distributed= needs a CurvatureEstimator or an EigenbasisEstimator (their fresh "
+                            f"estimates are averaged over processes), got {type(estimator).__name__}")
+        if isinstance(estimator, EigenbasisEstimator) and getattr(distributed, "mode", None) == "gradient":
+            raise ValueError(f"{owner}: distributed mode 'gradient' is not offered for EKFAC: every process needs "
+                             "every layer's eigenbasis to compute its moments, so keeping each layer on one process "
+                             "would save no memory; use mode 'inverse' (the eigendecompositions are shared)")
         if estimator.structure == "lowrank":
             raise ValueError(f"{owner}: distributed= cannot average 'lowrank' estimates (their vectors would have to "
                              "be gathered, not averaged); use another structure")
-        for method in ("reduce", "sampling_key", "keep", "refresh", "apply"):
+        shares = ("share",) if isinstance(estimator, EigenbasisEstimator) else ()
+        for method in ("reduce", "sampling_key", "keep", "refresh", "apply") + shares:
             if not callable(getattr(distributed, method, None)):
                 raise TypeError(f"{owner}: distributed must offer {method}() (fprecond.distributed.DataParallel), "
                                 f"got {type(distributed).__name__}")
@@ -207,10 +222,13 @@ def precondition(estimator: CurvatureEstimator | EigenbasisEstimator, solver: So
             if distributed is None:
                 fresh = estimator.update(state.estimator, params, batch, step_key, buffers)  # type: ignore[arg-type]
             else:  # averaged before the NaN check, so that every process takes the same decision
-                assert isinstance(estimator, CurvatureEstimator)  # checked at construction
                 local_key = None if step_key is None else distributed.sampling_key(step_key)
-                fresh = estimator.update(state.estimator, params, batch, local_key, buffers,  # type: ignore[arg-type]
-                                         reduce=distributed.reduce)
+                if isinstance(estimator, EigenbasisEstimator):  # its eigendecompositions are shared too
+                    fresh = estimator.update(state.estimator, params, batch, local_key,  # type: ignore[arg-type]
+                                             buffers, reduce=distributed.reduce, share=distributed.share)
+                else:
+                    fresh = estimator.update(state.estimator, params, batch, local_key,  # type: ignore[arg-type]
+                                             buffers, reduce=distributed.reduce)
             bad = ~tree_all_finite(fresh)  # the whole new state: EKFAC keeps its running factors outside .curvature
             return lazy_where(bad, lambda: state.estimator, fresh), bad.to(count.dtype)
 

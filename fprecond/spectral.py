@@ -4,7 +4,8 @@
   finite matrices whose entries are huge (after a divergent step, say) and reads
   only one triangle of an input that is symmetric only up to rounding. Dividing
   by the largest entry first and symmetrising makes both harmless; eigenvalues
-  are scaled back.
+  are scaled back. Where float32's solver still fails to converge, the matrix is
+  decomposed in float64 and the result cast back.
 - :func:`damped_power`: ``(f(λ) + damping)^exponent`` of eigenvalues with one
   policy for singular input: for negative exponents the damped values are
   floored (:func:`singular_floor`), so an undamped singular matrix gives large,
@@ -30,7 +31,16 @@ def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     matrix = torch.where(finite, matrix, eye)
     scale = matrix.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=torch.finfo(matrix.dtype).tiny)
     scaled = matrix / scale
-    values, vectors = torch.linalg.eigh((scaled + scaled.transpose(-1, -2)) / 2)
+    symmetric = (scaled + scaled.transpose(-1, -2)) / 2
+    try:
+        values, vectors = torch.linalg.eigh(symmetric)
+    except torch.linalg.LinAlgError:
+        # float32 syevd can fail to converge on finite, rank-deficient matrices with clustered
+        # eigenvalues (K-FAC factors of wide layers from small batches); float64 converges.
+        if symmetric.dtype == torch.float64:
+            raise
+        values, vectors = torch.linalg.eigh(symmetric.to(torch.float64))
+        values, vectors = values.to(symmetric.dtype), vectors.to(symmetric.dtype)
     values = torch.where(finite[..., 0], values * scale[..., 0], torch.nan)
     return values, vectors
 

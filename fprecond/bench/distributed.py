@@ -26,6 +26,16 @@ the target is checked on: with 4 ranks, per-rank refresh time at most
 :data:`TARGET_RATIO` x the single process's. Each world's refreshed
 preconditioner is compared with the single process's (``max_abs_diff``; broadcast
 blocks are the owners' bits, so it is 0).
+
+A second table (``ekfac_rows``) times EKFAC's expensive refresh the same way: the
+eigendecompositions of both Kronecker factors of every layer (a new eigenbasis,
+every ``basis_every`` estimates), shared by
+:class:`~fprecond.distributed.DataParallel` (each rank decomposes its layers and
+broadcasts their eigenbases) against one process decomposing them all. The
+factors get a ridge of :data:`_EIGH_RIDGE` times their largest entry first: with
+fewer examples than inputs they are exactly rank-deficient, and LAPACK's float32
+``eigh`` fails to converge on some of them (the time of a converging ``eigh`` is
+what is measured).
 """
 
 from __future__ import annotations
@@ -42,7 +52,10 @@ from torch import nn
 
 import fprecond as fp
 from fprecond.bench.runner import Column, RunConfig, Table, error_fields, finish_report, ratio, run_settings
+from fprecond.curvature.blocks import KroneckerBlock
+from fprecond.curvature.eigenbasis import _eigen_curvature, _shared_eigenbases
 from fprecond.curvature.estimate import estimate
+from fprecond.curvature.matrix import Curvature
 from fprecond.distributed import Communicator, DataParallel, LaunchError, launch
 from fprecond.solvers import cholesky
 from fprecond.tree import tree_leaves
@@ -54,6 +67,7 @@ TARGET_RATIO = 0.4
 """The largest per-rank refresh time with :data:`TARGET_WORLD` ranks, relative to one process."""
 TARGET_WORLD = 4
 _DAMPING = 1e-3
+_EIGH_RIDGE = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +104,44 @@ def distributed_workload(quick: bool, seed: int) -> tuple[str, fp.Model, dict[st
     return _description(sizes), model, model.params(), batch
 
 
+def _timed(spec: dict[str, Any], group: Any, call: Callable[[], Any]) -> tuple[list[float], list[float], Any]:
+    """CPU and wall samples (seconds) of ``call`` after ``--warmup`` untimed calls, each
+    started after a barrier of ``group`` (if any), and the last result."""
+    cpu, wall = [], []
+    result = None
+    for index in range(int(spec["warmup"]) + int(spec["repeats"])):
+        if group is not None:
+            dist.barrier(group)
+        wall_start, cpu_start = time.perf_counter(), time.thread_time()
+        result = call()
+        wall_end, cpu_end = time.perf_counter(), time.thread_time()
+        if index >= int(spec["warmup"]):
+            cpu.append(cpu_end - cpu_start)
+            wall.append(wall_end - wall_start)
+    return cpu, wall, result
+
+
+def _ridged(curvature: Curvature) -> Curvature:
+    """Kronecker factors plus :data:`_EIGH_RIDGE` times their largest entry on the diagonal."""
+    def ridge(factor: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+        return factor + _EIGH_RIDGE * factor.abs().amax(dim=(-2, -1), keepdim=True) * eye
+
+    return curvature._replace_blocks(tuple(
+        KroneckerBlock(ridge(block.input_factor), ridge(block.output_factor), block.damping, block.layout)
+        if isinstance(block, KroneckerBlock) else block for block in curvature.blocks))
+
+
+def _bases(curvature: Any) -> list[torch.Tensor]:
+    """The eigenbases of EKFAC eigenbasis blocks (their scaling is not shared, see
+    :func:`fprecond.curvature.eigenbasis._shared_eigenbases`)."""
+    return [basis for block in curvature.blocks for basis in (block.input_basis, block.output_basis)]
+
+
 def measure(communicator: Communicator, spec: dict[str, Any]) -> dict[str, Any]:
-    """One launched rank's measurements (see the module docstring): per world size its
-    CPU and wall samples (seconds), the blocks it owned, its share of the modelled
-    cost, and the largest difference from the single-process refresh."""
+    """One launched rank's measurements (see the module docstring): per world size and
+    refresh (``"kfac"``, ``"ekfac"``) its CPU and wall samples (seconds), the blocks it
+    owned, its share of the modelled cost, and the largest difference from one process."""
     worlds = [int(w) for w in spec["worlds"]]
     # Every rank creates every group, members or not (new_group is collective).
     groups = {w: dist.new_group(list(range(w))) for w in worlds if w > 1}
@@ -102,6 +150,8 @@ def measure(communicator: Communicator, spec: dict[str, Any]) -> dict[str, Any]:
     solver = cholesky(pi=True)
     damping = torch.tensor(_DAMPING)
     single = solver.refresh(curvature, damping).preconditioner  # the reference, and the template
+    factors = _ridged(curvature)
+    eigen = _eigen_curvature(factors, None)  # EKFAC's reference and template
     results: dict[str, Any] = {}
     for world in worlds:
         dist.barrier()
@@ -109,29 +159,28 @@ def measure(communicator: Communicator, spec: dict[str, Any]) -> dict[str, Any]:
             group = groups.get(world)
             local = Communicator.from_group(group) if group is not None else None
             parallel = DataParallel(local)
-            call: Callable[[], Any]
-            if local is None:
-                call = lambda: solver.refresh(curvature, damping)  # noqa: E731 - the single-process code path
+            if local is None:  # the single-process code paths
+                calls: dict[str, Callable[[], Any]] = {
+                    "kfac": lambda: solver.refresh(curvature, damping).preconditioner,
+                    "ekfac": lambda: _eigen_curvature(factors, None)}
             else:
-                call = lambda: parallel.refresh(solver, curvature, damping, single)  # noqa: E731
-            cpu, wall = [], []
-            refreshed = None
-            for index in range(int(spec["warmup"]) + int(spec["repeats"])):
-                if group is not None:
-                    dist.barrier(group)
-                wall_start, cpu_start = time.perf_counter(), time.thread_time()
-                refreshed = call()
-                wall_end, cpu_end = time.perf_counter(), time.thread_time()
-                if index >= int(spec["warmup"]):
-                    cpu.append(cpu_end - cpu_start)
-                    wall.append(wall_end - wall_start)
-            assert refreshed is not None
-            assignment = parallel.assignment(single.blocks)
-            difference = max(float((a - b).abs().max()) for a, b in
-                             zip(tree_leaves(refreshed.preconditioner), tree_leaves(single)))
-            results[str(world)] = {"cpu_s": cpu, "wall_s": wall, "blocks": len(assignment.owned_by(parallel.rank)),
-                                   "load_share": assignment.loads[parallel.rank] / sum(assignment.costs),
-                                   "max_abs_diff": difference}
+                calls = {"kfac": lambda: parallel.refresh(solver, curvature, damping, single).preconditioner,
+                         "ekfac": lambda: _shared_eigenbases(factors, eigen, parallel.share)}
+            # Per refresh: the reference, the leaves compared, and what the assignment prices
+            # (EKFAC shares the bases alone, a pair per layer).
+            bases = _bases(eigen)
+            references = {"kfac": (single, tree_leaves, single.blocks),
+                          "ekfac": (eigen, _bases, [tuple(bases[2 * i:2 * i + 2]) for i in range(len(eigen.blocks))])}
+            results[str(world)] = {}
+            for name, call in calls.items():
+                cpu, wall, refreshed = _timed(spec, group, call)
+                reference, leaves, priced = references[name]
+                assignment = parallel.assignment(priced)
+                difference = max(float((a - b).abs().max()) for a, b in zip(leaves(refreshed), leaves(reference)))
+                results[str(world)][name] = {"cpu_s": cpu, "wall_s": wall,
+                                             "blocks": len(assignment.owned_by(parallel.rank)),
+                                             "load_share": assignment.loads[parallel.rank] / sum(assignment.costs),
+                                             "max_abs_diff": difference}
         dist.barrier()
     return results
 
@@ -152,17 +201,21 @@ _TABLE = Table([Column("ranks", 5), Column("blocks/rank", 11), Column("cost shar
                 Column("max |diff|", 10)])
 
 
-def _rows(worlds: tuple[int, ...], measured: list[dict[str, Any]] | None, error: str | None,
+_NOTES = {"kfac": ("single-process refresh", "DataParallel.refresh: own blocks, broadcast the rest"),
+          "ekfac": ("single-process eigendecompositions", "DataParallel.share: own layers, broadcast the bases")}
+
+
+def _rows(worlds: tuple[int, ...], measured: list[dict[str, Any]] | None, error: str | None, refresh: str = "kfac",
           ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for world in worlds:
-        note = "single-process refresh" if world == 1 else "DataParallel.refresh: own blocks, broadcast the rest"
+        note = _NOTES[refresh][0 if world == 1 else 1]
         row: dict[str, Any] = {"world_size": world, "status": "ok", "note": note}
         if measured is None:
             row.update(error_fields(note, error or "not measured"))
             rows.append(row)
             continue
-        ranks = [measured[rank][str(world)] for rank in range(world)]
+        ranks = [measured[rank][str(world)][refresh] for rank in range(world)]
         cpu = [statistics.median(r["cpu_s"]) for r in ranks]
         wall = [statistics.median(r["wall_s"]) for r in ranks]
         row.update(cpu_ms=1e3 * max(cpu), wall_ms=1e3 * max(wall), cpu_ms_ranks=[1e3 * c for c in cpu],
@@ -223,6 +276,11 @@ def run_distributed_bench(config: DistributedBenchConfig, out: Callable[[str], N
         error = str(failure).splitlines()[0]
     report["rows"] = _rows(worlds, measured, error)
     for row in report["rows"]:
+        out(_format_row(row))
+    report["ekfac_rows"] = _rows(worlds, measured, error, "ekfac")
+    out("\nEKFAC's new eigenbasis: eigendecompositions of both factors of every layer (float32)")
+    out(_TABLE.header())
+    for row in report["ekfac_rows"]:
         out(_format_row(row))
     largest = report["rows"][-1]
     value = largest.get("cpu_ratio") if largest["status"] == "ok" else None

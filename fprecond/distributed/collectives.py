@@ -19,7 +19,12 @@ naming the rank that reported an error through the communicator's store (see
 :func:`propagate_failures`) and its message. So a rank that raises makes the
 others fail with that rank's error within the time the transport needs to see
 the closed connection (well under a second with gloo on one machine), or at
-worst the process group's timeout.
+worst the process group's timeout. A rank that hangs (stops calling
+collectives without failing) makes the others' next collective fail once the
+process group's timeout has run out; when the communicator knows that timeout
+(``Communicator.timeout``, set by :func:`~fprecond.distributed.init_from_env` and
+:func:`~fprecond.distributed.launch`), the :class:`PeerFailure` says so: the
+collective, the time it waited and the timeout.
 
 Collectives cannot run under ``torch.func.vmap``/``grad`` (each member of a
 ``vmap`` would need its own process); they raise a ``RuntimeError`` saying so.
@@ -75,6 +80,8 @@ class Communicator:
             rank leaves its error for the others to report (optional: without it,
             peers still fail, with the transport's message).
         bucket_bytes: the largest buffer of one collective.
+        timeout: the process group's collective timeout in seconds, if known (only used to
+            word errors: a collective that failed after waiting that long timed out).
 
     Build one with :meth:`from_group` after ``torch.distributed.init_process_group``,
     or with :func:`fprecond.distributed.init_from_env` under ``torchrun``.
@@ -85,6 +92,7 @@ class Communicator:
     group: Any = None
     store: Any = None
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("rank", "world_size", "bucket_bytes"):
@@ -95,16 +103,20 @@ class Communicator:
             raise ValueError(f"Communicator: need 0 <= rank < world_size, got rank {self.rank} of {self.world_size}")
         if self.bucket_bytes < 1:
             raise ValueError(f"Communicator: bucket_bytes must be >= 1, got {self.bucket_bytes}")
+        if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
+                                         or not self.timeout > 0):
+            raise ValueError(f"Communicator: timeout must be a number of seconds > 0 or None, got {self.timeout!r}")
 
     @classmethod
-    def from_group(cls, group: Any = None, *, store: Any = None,
-                   bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> "Communicator":
-        """The communicator of an initialised process group (``None``: the world group)."""
+    def from_group(cls, group: Any = None, *, store: Any = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                   timeout: float | None = None) -> "Communicator":
+        """The communicator of an initialised process group (``None``: the world group);
+        ``timeout``: the group's collective timeout in seconds, if known."""
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("Communicator.from_group: torch.distributed is not initialised; call "
                                "torch.distributed.init_process_group first (or fprecond.distributed.init_from_env "
                                "under torchrun)")
-        return cls(dist.get_rank(group), dist.get_world_size(group), group, store, bucket_bytes)
+        return cls(dist.get_rank(group), dist.get_world_size(group), group, store, bucket_bytes, timeout)
 
     # ---- failures ------------------------------------------------------------------------------
     def report_failure(self, error: BaseException) -> None:
@@ -131,13 +143,27 @@ class Communicator:
                 return found
             time.sleep(0.05)
 
-    def peer_failure(self, what: str, error: BaseException) -> PeerFailure:
-        """The :class:`PeerFailure` for a collective ``what`` that raised ``error``."""
-        reported = self.reported_failures(wait_s=_FAILURE_GRACE_S)
+    def timed_out(self, waited: float | None) -> bool:
+        """Whether a collective that failed after ``waited`` seconds ran into the timeout."""
+        # The transport starts its clock after ours, so a timeout is never shorter than
+        # ``timeout``; a closed connection fails at once. 5% covers clock granularity.
+        return waited is not None and self.timeout is not None and waited >= 0.95 * self.timeout
+
+    def peer_failure(self, what: str, error: BaseException, waited: float | None = None) -> PeerFailure:
+        """The :class:`PeerFailure` for a collective ``what`` that raised ``error`` after
+        waiting ``waited`` seconds (if measured)."""
+        timed_out = self.timed_out(waited)
+        # A rank that raised left its error before its connections closed: after a closed
+        # connection the report may still be on its way, after a timeout it is there already.
+        reported = self.reported_failures(wait_s=0.0 if timed_out else _FAILURE_GRACE_S)
         if reported:
             causes = "; ".join(f"rank {rank} failed with {message}" for rank, message in sorted(reported.items()))
             return PeerFailure(f"{what} on rank {self.rank} of {self.world_size} stopped: {causes}")
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if timed_out:
+            return PeerFailure(f"{what} on rank {self.rank} of {self.world_size} timed out after {waited:.1f} s (the "
+                               f"process group's timeout is {self.timeout:g} s) and no rank reported an error: "
+                               f"another rank is hung (or was killed) before reaching {what}: {first}")
         return PeerFailure(f"{what} on rank {self.rank} of {self.world_size} failed and no rank reported an error "
                            f"(a peer was killed, or the process group's timeout ran out): {first}")
 
@@ -235,13 +261,14 @@ class _Exchange:
 def _run(communicator: Communicator, what: str, post: Callable[[], list[Any]]) -> None:
     """Post collectives (``post`` returns their works) and wait for them; a failure
     becomes a :class:`PeerFailure`."""
+    start = time.monotonic()
     try:
         for work in post():
             work.wait()
     except (RuntimeError, dist.DistBackendError) as error:
         if isinstance(error, PeerFailure):
             raise
-        raise communicator.peer_failure(what, error) from error
+        raise communicator.peer_failure(what, error, time.monotonic() - start) from error
 
 
 def _flatten(tree: PyTree) -> tuple[list[Any], Any]:

@@ -14,9 +14,15 @@ and in ``train.py``::
 a gloo group (a ``FileStore`` in a temporary folder, one torch thread each) and
 returns what each returned. A rank that raises leaves its error in the store,
 so the others stop at their next collective with a
-:class:`~fprecond.distributed.PeerFailure` naming it; processes still running
-after ``timeout`` seconds are killed. Either way :class:`LaunchError` reports
-every rank's error, the first failure first.
+:class:`~fprecond.distributed.PeerFailure` naming it. A rank that hangs makes
+the others' collectives fail after ``collective_timeout`` seconds (a
+``PeerFailure`` saying that the collective timed out). Once a rank has failed,
+the others get ``max(collective_timeout, 2 s) + 0.5 s`` to finish or fail on
+their own (every collective with the failed rank fails by then); ranks still
+running then are hung and are killed, as are all ranks still running after
+``timeout`` seconds. Either way :class:`LaunchError` reports every rank's error,
+the first failure first, and the ranks killed; no launched process outlives
+:func:`launch`.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ import torch
 import torch.distributed as dist
 
 from fprecond._validation import check_choice, check_number, check_positive_int
-from fprecond.distributed.collectives import DEFAULT_BUCKET_BYTES, Communicator, PeerFailure, propagate_failures
+from fprecond.distributed.collectives import (_FAILURE_GRACE_S, DEFAULT_BUCKET_BYTES, Communicator, PeerFailure,
+                                              propagate_failures)
 
 __all__ = ["init_from_env", "launch", "LaunchError", "TORCHRUN_VARIABLES"]
 
@@ -51,12 +58,15 @@ class LaunchError(RuntimeError):
     Attributes:
         errors: rank -> its error (type, message and traceback), for the ranks that failed.
         timed_out: the ranks still running at the deadline (killed).
+        hung: the ranks still running well after another rank failed (killed).
     """
 
-    def __init__(self, message: str, errors: dict[int, str], timed_out: Sequence[int] = ()) -> None:
+    def __init__(self, message: str, errors: dict[int, str], timed_out: Sequence[int] = (),
+                 hung: Sequence[int] = ()) -> None:
         super().__init__(message)
         self.errors = errors
         self.timed_out = tuple(timed_out)
+        self.hung = tuple(hung)
 
 
 def _default_store() -> Any:
@@ -96,6 +106,8 @@ def init_from_env(backend: str | None = None, *, timeout: float = 1800.0,
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        return Communicator.from_group(store=_default_store(), bucket_bytes=bucket_bytes, timeout=timeout)
+    # A group initialised elsewhere: its timeout is not ours to know.
     return Communicator.from_group(store=_default_store(), bucket_bytes=bucket_bytes)
 
 
@@ -106,7 +118,7 @@ def _run_rank(function: Callable[..., Any], rank: int, world_size: int, folder: 
     store = dist.FileStore(os.path.join(folder, "store"), world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=collective_timeout))
-    communicator = Communicator.from_group(store=store)
+    communicator = Communicator.from_group(store=store, timeout=collective_timeout)
     try:
         with propagate_failures(communicator):
             result = function(communicator, *args)
@@ -155,15 +167,18 @@ def launch(function: Callable[..., Any], world_size: int, *, args: Sequence[Any]
         world_size: the number of processes.
         args: more arguments for ``function`` (picklable).
         timeout: seconds until processes still running are killed.
-        collective_timeout: seconds a collective waits for the others before failing.
+        collective_timeout: seconds a collective waits for the others before failing. Once
+            a rank has failed, ranks still running ``max(collective_timeout, 2) + 0.5``
+            seconds later are taken to hang and are killed.
         threads: torch threads per process.
 
     Returns:
         The return values, by rank.
 
     Raises:
-        LaunchError: a process failed or did not finish in time; the message lists each
-            failed rank's error, the ranks that failed first (not because of a peer) first.
+        LaunchError: a process failed, hung or did not finish in time; the message lists
+            each failed rank's error, the ranks that failed first (not because of a peer)
+            first, then the ranks that were killed.
     """
     check_positive_int("launch", "world_size", world_size)
     check_positive_int("launch", "threads", threads)
@@ -178,24 +193,39 @@ def launch(function: Callable[..., Any], world_size: int, *, args: Sequence[Any]
         for process in processes:
             process.start()
         deadline = time.monotonic() + timeout
+        # After a failure every collective of the others fails within the collective timeout
+        # (closed connection: at once, plus up to 2 s to find the failed rank's report).
+        grace = max(collective_timeout, _FAILURE_GRACE_S) + 0.5
+        first_failure: float | None = None
         running = list(processes)
-        while running and time.monotonic() < deadline:
-            multiprocessing.connection.wait([p.sentinel for p in running], timeout=deadline - time.monotonic())
+        while running:
+            limit = deadline if first_failure is None else min(deadline, first_failure + grace)
+            if time.monotonic() >= limit:
+                break
+            multiprocessing.connection.wait([p.sentinel for p in running], timeout=limit - time.monotonic())
             running = [p for p in running if p.exitcode is None]
-        timed_out = [processes.index(p) for p in running]
+            if first_failure is None and any(p.exitcode not in (None, 0) for p in processes):
+                first_failure = time.monotonic()
+        stopped = [processes.index(p) for p in running]
+        hung = stopped if first_failure is not None and first_failure + grace < deadline else []
+        timed_out = [] if hung else stopped
         for process in running:
             process.kill()
         for process in processes:
             process.join()
         failed = {rank: _read_error(folder, rank, process.exitcode)
-                  for rank, process in enumerate(processes) if process.exitcode != 0 and rank not in timed_out}
-        if failed or timed_out:
+                  for rank, process in enumerate(processes) if process.exitcode != 0 and rank not in stopped}
+        if failed or stopped:
             order = sorted(failed, key=lambda rank: (failed[rank][1], rank))  # first failures before their echoes
             lines = [f"rank {rank} failed: {failed[rank][0].splitlines()[0]}" for rank in order]
             if timed_out:
                 lines.append(f"ranks {timed_out} were still running after {timeout:g} s and were killed")
+            if hung:
+                lines.append(f"ranks {hung} were still running {grace:g} s after the first failure, when every "
+                             "collective with a failed rank has failed (collective_timeout "
+                             f"{collective_timeout:g} s): they hung, and were killed")
             details = "\n\n".join(f"--- rank {rank} ---\n{failed[rank][0]}" for rank in order)
             raise LaunchError("\n".join(lines) + ("\n\n" + details if details else ""),
-                              {rank: failed[rank][0] for rank in order}, timed_out)
+                              {rank: failed[rank][0] for rank in order}, timed_out, hung)
         return [torch.load(os.path.join(folder, f"result-{rank}.pt"), weights_only=True)
                 for rank in range(world_size)]

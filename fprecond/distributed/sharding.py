@@ -1,7 +1,7 @@
 """Data-parallel preconditioning: averaged statistics and refreshes shared among ranks.
 
 :class:`DataParallel` is what :func:`fprecond.precondition` (and so ``kfac``,
-``natural_gradient``, ...) and :func:`fprecond.shampoo` take as their
+``natural_gradient``, ``ekfac``, ...) and :func:`fprecond.shampoo` take as their
 ``distributed=`` argument. Each process trains on its own equal-size part of
 the batch, after an :func:`~fprecond.distributed.all_reduce_gradients` link has
 averaged the gradients; then, on the steps the preconditioner's schedule names:
@@ -12,13 +12,19 @@ averaged the gradients; then, on the steps the preconditioner's schedule names:
   the running average. Estimates follow the loss's mean reduction (``A`` a mean
   over examples, ``G`` carrying the ``1/N`` of the loss), so the mean of the
   ranks' estimates on equal-size batches is the estimate on their concatenation:
-  every rank holds the preconditioner one process would hold. Shampoo's
-  statistics come from the averaged gradient and need no communication.
+  every rank holds the preconditioner one process would hold. EKFAC averages
+  its fresh factors, then its fresh moments in the eigenbasis (a mean over
+  examples too), each before its running average. Shampoo's statistics come
+  from the averaged gradient and need no communication.
 - **refreshes** (inverses, roots, eigendecompositions): the blocks (a layer of
   K-FAC, a parameter tensor of Shampoo) are assigned to ranks by
   :func:`~fprecond.distributed.assignment.assign` (``Θ(n³)`` per ``n x n``
   matrix, longest first), so each rank's refresh work falls as about ``1/W``.
   The assignment is computed from static shapes, identically in every process.
+  EKFAC's eigendecompositions (in its estimator, every ``basis_every``
+  estimates) are shared the same way, their eigenbases broadcast. Blocks
+  already diagonal in a known basis (diagonals, EKFAC's eigenbasis blocks)
+  are refreshed elementwise on every rank: cheaper than receiving them.
 
 ``mode`` says what happens to a refreshed block:
 
@@ -32,8 +38,10 @@ averaged the gradients; then, on the steps the preconditioner's schedule names:
   blocks with the (identical) gradient and broadcasts the preconditioned part.
   Each rank holds only its blocks' preconditioner (about ``1/W`` of the memory),
   at the price of a gradient-sized broadcast every step. Needs a solver whose
-  ``apply`` works block by block (all but conjugate gradient); not offered for
-  Shampoo.
+  ``apply`` works block by block (all but conjugate gradient). Shampoo keeps
+  each tensor's statistics and roots on its owner only and broadcasts its
+  output ``Ĝ ×_i P_i`` (grafting then runs on every rank, on identical inputs).
+  Not offered for EKFAC: every rank needs every eigenbasis for its moments.
 - ``"replicate"``: every rank refreshes every block (no refresh traffic; for
   cheap refreshes such as diagonals).
 
@@ -60,7 +68,7 @@ import torch
 
 from fprecond import random as random_keys
 from fprecond._validation import check_choice
-from fprecond.curvature.blocks import CurvatureBlock
+from fprecond.curvature.blocks import CurvatureBlock, DiagonalBlock, KroneckerEigenBlock
 from fprecond.curvature.matrix import Curvature
 from fprecond.distributed.assignment import Assignment, assign, matrix_cost
 from fprecond.distributed.collectives import Communicator, all_reduce_mean, all_reduce_sum, broadcast_many
@@ -177,19 +185,32 @@ class DataParallel:
         return key if self.world_size == 1 else random_keys.fold_in(key, self.rank)
 
     # ---- refreshes ------------------------------------------------------------------------------
-    def share(self, compute: Callable[[int], T], templates: Sequence[T]) -> list[T]:
+    def owned(self, prices: Sequence[PyTree]) -> list[bool]:
+        """Whether this rank computes item ``i`` of a :meth:`share` with the same ``prices``
+        (all True in one process or ``mode="replicate"``)."""
+        if self.mode == "replicate" or self.world_size == 1:
+            return [True] * len(prices)
+        return [owner == self.rank for owner in self.assignment(prices).owners]
+
+    def share(self, compute: Callable[[int], T], templates: Sequence[T], prices: Sequence[PyTree] | None = None
+              ) -> list[T]:
         """``[compute(i) for i in range(len(templates))]``, each computed by one rank and
         broadcast to the others (``mode="replicate"`` or one process: computed everywhere).
 
         ``templates[i]`` has the structure, shapes and dtypes of ``compute(i)`` (e.g. the
-        previous refresh's result); it prices item ``i`` (:func:`tree_cost`) and receives
-        it on the ranks that do not compute it. Every rank must call this with the same
-        templates' layout, at the same point of the program.
+        previous refresh's result) and receives item ``i`` on the ranks that do not compute
+        it. Item ``i`` is priced by :func:`tree_cost` of ``prices[i]`` (default
+        ``templates[i]``; only the shapes are read, so ``meta`` tensors will do): Shampoo
+        in ``mode="gradient"`` shares a tensor's preconditioned gradient priced by its
+        roots, so that it is computed where those roots are kept. Every rank must call this
+        with the same layout of templates and prices, at the same point of the program.
         """
         count = len(templates)
+        if prices is not None and len(prices) != count:
+            raise ValueError(f"DataParallel.share: {len(prices)} prices for {count} templates")
         if self.mode == "replicate" or self.world_size == 1:
             return [compute(index) for index in range(count)]
-        owners = self.assignment(templates).owners
+        owners = self.assignment(templates if prices is None else prices).owners
         computed: dict[int, Any] = {}
         for index in range(count):
             if owners[index] == self.rank:
@@ -239,9 +260,17 @@ class DataParallel:
             return refreshed.preconditioner.blocks[0], refreshed.failures.to(torch.int64).reshape(())
 
         if self.mode == "inverse":
-            results = self.share(refresh_block, [(block, zero) for block in previous.blocks])
-            blocks = tuple(block for block, _ in results)
-            failures = torch.stack([failed for _, failed in results]).sum()
+            # Blocks whose eigenvalues are at hand (diagonals, EKFAC's eigenbasis blocks) are
+            # refreshed elementwise: cheaper everywhere than sending them.
+            local = [index for index, block in enumerate(curvature.blocks) if _refreshed_in_place(block)]
+            sent = [index for index in range(len(curvature.blocks)) if index not in local]
+            results: dict[int, tuple[CurvatureBlock, torch.Tensor]] = {index: refresh_block(index) for index in local}
+            if sent:
+                shared = self.share(lambda item: refresh_block(sent[item]),
+                                    [(previous.blocks[index], zero) for index in sent])
+                results.update(zip(sent, shared))
+            blocks = tuple(results[index][0] for index in range(len(curvature.blocks)))
+            failures = torch.stack([results[index][1] for index in range(len(curvature.blocks))]).sum()
         else:
             kept: list[CurvatureBlock] = []
             own_failures = zero
@@ -279,6 +308,11 @@ class DataParallel:
         for part in broadcast_many(pairs, self.communicator):
             out.update(part)
         return {name: out[name] for name in preconditioner.names}
+
+
+def _refreshed_in_place(block: CurvatureBlock) -> bool:
+    """Whether refreshing ``block`` is elementwise work on its eigenvalues (no factorisation)."""
+    return isinstance(block, (DiagonalBlock, KroneckerEigenBlock))
 
 
 def _device(curvature: Curvature) -> torch.device:

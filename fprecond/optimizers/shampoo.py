@@ -20,13 +20,13 @@ statistics updates so far.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from fprecond._validation import check_choice, check_number, check_positive_int
 from fprecond.base import GradientTransformation, Params, ScalarOrSchedule, Updates, named_chain
-from fprecond.lazy import lazy_where
+from fprecond.lazy import concrete, lazy_where
 from fprecond.optimizers._blocking import (BlockPlan, accumulate_statistics, finite_matrices, mode_product,
                                           plan_blocks)
 from fprecond.optimizers._recipe import guarded
@@ -137,11 +137,17 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
         use_bias_correction: bias-correct ``Ĝ`` and ``L̂`` (Meta: True).
         nesterov: look-ahead filtered gradient (Meta's ``beta3 = b1²``).
         newton_iterations: iterations of the Newton method.
-        distributed: data-parallel hooks (:class:`fprecond.distributed.DataParallel`): the
-            roots are refreshed tensor by tensor on the tensors' owners and broadcast
-            (``mode="inverse"``; ``"gradient"`` is not offered). The statistics come from
-            the gradient, which must already be averaged over the processes (put
-            :func:`fprecond.distributed.all_reduce_gradients` first in the chain).
+        distributed: data-parallel hooks (:class:`fprecond.distributed.DataParallel`). The
+            gradient must already be averaged over the processes (put
+            :func:`fprecond.distributed.all_reduce_gradients` first in the chain). Each
+            preconditioned tensor has an owner (LPT on the cost ``Σ B d³`` of its roots).
+            ``mode="inverse"``: every process keeps all statistics (from the averaged
+            gradient, no traffic); the roots are refreshed on their tensors' owners and
+            broadcast. ``mode="gradient"``: a process keeps the statistics and roots of its
+            own tensors only (about ``1/W`` of that memory; other tensors' entries are
+            ``()``), and every step each owner broadcasts its tensors' output ``Ĝ ×_i P_i``
+            (before ``start``: ``Ĝ``) together with its count of rejected updates, so that
+            ``state.rejected`` is the same total everywhere.
 
     Shapes: the statistics of a group of ``B`` blocks of shape ``(n_1, ..., n_k)`` are
     ``(B, n_i, n_i)`` per mode; ``state.statistics[name][group][mode]``.
@@ -168,9 +174,10 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
     if epsilon == 0.0 and matrix_eps == 0.0 and method == "newton":
         raise ValueError(f"{owner}: method='newton' needs epsilon > 0 or matrix_eps > 0 (singular statistics)")
     corrected = use_bias_correction and b2 < 1.0
-    if distributed is not None and getattr(distributed, "mode", None) == "gradient":
-        raise ValueError(f"{owner}: distributed mode 'gradient' is not offered for Shampoo (its roots are applied "
-                         "per tensor after grafting); use mode 'inverse' or 'replicate'")
+    gradient_mode = distributed is not None and getattr(distributed, "mode", None) == "gradient"
+    if gradient_mode and not all(callable(getattr(distributed, hook, None)) for hook in ("owned", "share")):
+        raise TypeError(f"{owner}: distributed mode 'gradient' needs owned() and share() hooks "
+                        f"(fprecond.distributed.DataParallel), got {type(distributed).__name__}")
 
     def plan_of(leaf: torch.Tensor) -> BlockPlan:
         return plan_blocks(leaf.shape, max_preconditioner_dim, merge_dims=merge_dims)
@@ -192,6 +199,19 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
             return eigh_power(matrix, exponent, damping)
         return inverse_root_newton(matrix, root_override or 2 * order, damping, iterations=newton_iterations)
 
+    def prices(plans: list[BlockPlan], like: torch.Tensor) -> list[Blocks]:
+        """The roots' shapes on the ``meta`` device: what a tensor's share of the work costs."""
+        return [tuple(tuple(torch.empty(group.num_blocks, group.block_shape[m], group.block_shape[m],
+                                        dtype=like.dtype, device="meta") for m in group.modes)
+                      for group in plan.groups) for plan in plans]
+
+    def owned_names(names: list[str], plans: list[BlockPlan], like: torch.Tensor) -> list[str]:
+        """``mode="gradient"``: the preconditioned tensors this process owns."""
+        assert distributed is not None
+        shared = [(name, plan) for name, plan in zip(names, plans) if plan.preconditioned]
+        flags = distributed.owned(prices([plan for _, plan in shared], like))
+        return [name for (name, _), own in zip(shared, flags) if own]
+
     def init(params: Params) -> ScaleByShampooState:
         names, leaves, _ = tree_flatten_with_names(params)
         statistics: dict[str, Blocks] = {}
@@ -204,10 +224,67 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
             roots[name] = tuple(
                 tuple(torch.eye(group.block_shape[m], dtype=leaf.dtype, device=leaf.device)
                       .expand(group.num_blocks, -1, -1).clone() for m in group.modes) for group in plan.groups)
+        if gradient_mode and leaves:
+            # Others' tensors hold no statistics and no roots here: ``()``, which the loops
+            # below pass over (zip with an empty tuple), so only the owner updates them.
+            mine = set(owned_names(names, [plan_of(leaf) for leaf in leaves], leaves[0]))
+            for name, leaf in zip(names, leaves):
+                if plan_of(leaf).preconditioned and name not in mine:
+                    statistics[name], roots[name] = (), ()
         zero = counter(params)
         return ScaleByShampooState(count=zero, statistics_count=zero.clone(),
                                    mu=tree_zeros_like(params) if b1 else {}, statistics=statistics, roots=roots,
                                    rejected=zero.clone())
+
+    def owners_exchange(step: torch.Tensor, names: list[str], plans: list[BlockPlan], directions: list[torch.Tensor],
+                        accepted: dict[str, Any],
+                        new_roots: Callable[[str | None], tuple[dict[str, Blocks], torch.Tensor]],
+                        apply_roots: Callable[[int, Blocks], torch.Tensor], old_roots: dict[str, Blocks],
+                        root_due: torch.Tensor) -> tuple[dict[str, Blocks], list[torch.Tensor], torch.Tensor]:
+        """``mode="gradient"``: refresh the own roots, apply them, and exchange the outputs.
+
+        Returns the roots (own ones; ``()`` for the others'), every tensor's output, and the
+        number of statistics and roots rejected on all processes together.
+        """
+        assert distributed is not None
+        zero = torch.zeros_like(step)
+        like = directions[0]
+
+        def own_roots() -> tuple[dict[str, Blocks], dict[str, torch.Tensor]]:
+            fresh: dict[str, Blocks] = {}
+            counts: dict[str, torch.Tensor] = {}
+            for name in names:  # others' tensors have () statistics: nothing is computed for them
+                roots_of, counts[name] = new_roots(name)
+                fresh[name] = roots_of[name]
+            return fresh, counts
+
+        roots, root_rejected = lazy_where(root_due, own_roots, (old_roots, {name: zero for name in names}))
+        # Unpreconditioned tensors have no statistics and no roots: their output is Ĝ everywhere.
+        shared = [index for index, plan in enumerate(plans) if plan.preconditioned]
+
+        def rejected_of(index: int) -> torch.Tensor:
+            """What the owner rejected for this tensor (statistics and roots); it travels with the output."""
+            flags = [ok for group in accepted[names[index]] for ok in group]
+            statistics_count = sum(((~ok).sum().to(zero.dtype) for ok in flags), zero)
+            return statistics_count + root_rejected[names[index]]
+
+        pricing = prices([plans[index] for index in shared], like)
+        started = concrete(step >= start)
+        outputs = list(directions)
+        if started is not None and not bool(started.any()):
+            # Before the start the output is Ĝ, known everywhere: only the counts travel.
+            counts = distributed.share(lambda item: rejected_of(shared[item]), [zero] * len(shared), pricing)
+        else:
+            def output_of(item: int) -> tuple[torch.Tensor, torch.Tensor]:
+                index = shared[item]
+                output = lazy_where(step >= start, lambda: apply_roots(index, roots[names[index]]), directions[index])
+                return output, rejected_of(index)
+
+            results = distributed.share(output_of, [(directions[index], zero) for index in shared], pricing)
+            for index, (output, _) in zip(shared, results):
+                outputs[index] = output
+            counts = [count for _, count in results]
+        return roots, outputs, sum(counts, zero)
 
     def update(updates: Updates, state: ScaleByShampooState, params: Params | None = None, **extra: Any):
         del params, extra
@@ -279,22 +356,30 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
             return ({name: roots for name, (roots, _) in zip(names, results)},
                     sum((rejected for _, rejected in results), torch.zeros_like(step)))
 
+        def apply_roots(index: int, tensor_roots: Blocks) -> torch.Tensor:
+            plan = plans[index]
+            if not plan.preconditioned:
+                return directions[index]
+            blocks = []
+            for group, block, group_roots in zip(plan.groups, plan.split(directions[index]), tensor_roots):
+                for mode, root in zip(group.modes, group_roots):
+                    block = mode_product(block, root, mode)
+                blocks.append(block)
+            return plan.merge(blocks)
+
+        if gradient_mode:
+            # statistics_rejected is not added: each owner counts its own tensors' rejections.
+            roots, outputs, rejected = owners_exchange(step, names, plans, directions, accepted, new_roots,
+                                                       apply_roots, state.roots, root_due)
+            new_state = ScaleByShampooState(count=step, statistics_count=statistics_count, mu=mu,
+                                            statistics=statistics, roots=roots, rejected=state.rejected + rejected)
+            return tree_unflatten_ordered(treedef, outputs), new_state
+
         roots, rejected = lazy_where(root_due, new_roots if distributed is None else shared_roots,
                                      (state.roots, torch.zeros_like(step)))
 
         def preconditioned() -> list[torch.Tensor]:
-            out = []
-            for name, direction, plan in zip(names, directions, plans):
-                if not plan.preconditioned:
-                    out.append(direction)
-                    continue
-                blocks = []
-                for group, block, group_roots in zip(plan.groups, plan.split(direction), roots[name]):
-                    for mode, root in zip(group.modes, group_roots):
-                        block = mode_product(block, root, mode)
-                    blocks.append(block)
-                out.append(plan.merge(blocks))
-            return out
+            return [apply_roots(index, roots[name]) for index, name in enumerate(names)]
 
         outputs = lazy_where(step >= start, preconditioned, directions)
         new_state = ScaleByShampooState(count=step, statistics_count=statistics_count, mu=mu, statistics=statistics,

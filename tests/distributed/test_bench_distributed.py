@@ -28,7 +28,12 @@ def test_quick_distributed_bench_writes_sane_numbers(tmp_path, capsys):
     # 4 layers of width 32 (the last one 32 -> 10) split 2 + 2 between two ranks.
     assert rows[2]["blocks"] == 2 and 0.5 <= rows[2]["cost_share"] < 0.6
     assert rows[2]["cpu_ratio"] == rows[2]["cpu_ms"] / rows[1]["cpu_ms"]
+    ekfac = {row["world_size"]: row for row in report["ekfac_rows"]}
+    assert set(ekfac) == {1, 2} and all(row["status"] == "ok" for row in ekfac.values())
+    assert all(row["max_abs_diff"] == 0.0 for row in ekfac.values())  # the owners' eigenbases, broadcast
+    assert ekfac[1]["blocks"] == 4 and ekfac[2]["blocks"] == 2 and 0.5 <= ekfac[2]["cost_share"] < 0.6
+    assert ekfac[1]["cpu_ms"] > 0 and ekfac[2]["cpu_ratio"] == ekfac[2]["cpu_ms"] / ekfac[1]["cpu_ms"]
     assert report["target"]["limit"] == TARGET_RATIO and report["target"]["world_size"] == TARGET_WORLD
     assert report["target"]["met"] is None  # 4 ranks were not measured
     printed = capsys.readouterr().out
-    assert "CPU ratio" in printed and "not measured" in printed
+    assert "CPU ratio" in printed and "not measured" in printed and "EKFAC's new eigenbasis" in printed

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fprecond.distributed as fpd
-from fprecond.curvature.estimate import estimate
+from fprecond.curvature.eigenbasis import eigenbasis_moments
+from fprecond.curvature.estimate import BlockBuilder, estimate
 from fprecond.solvers import cholesky
 from fprecond.tree import tree_leaves
 from tests.distributed import workers
@@ -38,13 +39,48 @@ def test_training_matches_one_process_on_the_concatenated_batch(suite, name, wor
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_gradient_mode_keeps_each_block_on_its_owner_only(suite, world_size):
-    blocks = 2  # the two Linear layers
-    held = [suite[rank][f"kfac_gradient/{world_size}/held"] for rank in range(WORLD)]
+@pytest.mark.parametrize("method, blocks", [("kfac", 2), ("shampoo", 4)])
+def test_gradient_mode_keeps_each_block_on_its_owner_only(suite, world_size, method, blocks):
+    # K-FAC: the two Linear layers' inverses. Shampoo: one root per tensor (its dimensions are
+    # merged, 6 x 4 -> 24), counted with the statistics, which a rank keeps only for its roots.
+    held = [suite[rank][f"{method}_gradient/{world_size}/held"] for rank in range(WORLD)]
     members = range(world_size) if world_size == WORLD else range(2)  # one pair is enough
     assert sum(held[rank] for rank in members) == blocks  # each block on exactly one rank
     assert all(held[rank] < blocks for rank in range(WORLD))
-    assert all(suite[rank][f"kfac_inverse/{world_size}/held"] == blocks for rank in range(WORLD))
+    assert all(suite[rank][f"{method}_inverse/{world_size}/held"] == blocks for rank in range(WORLD))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ekfac_shares_each_eigendecomposition_and_averages_factors_and_moments(suite, world_size):
+    members = range(world_size) if world_size == WORLD else range(2)
+    # basis_every=2 over 4 estimates: new eigenbases at estimates 0 and 2, one call each,
+    # in which each of the two layers is decomposed by exactly one rank.
+    calls = [suite[rank][f"ekfac_inverse/{world_size}/computed"] for rank in members]
+    assert all(len(rank_calls) == 2 for rank_calls in calls)
+    for call in range(2):
+        assert sorted(item for rank_calls in calls for item in rank_calls[call]) == [0, 1]
+    # The running factors and the EKFAC curvature (moments in the eigenbasis) are those of
+    # one process on the concatenated batches.
+    _, state = workers.train_with_state("ekfac_inverse", None)
+    expected = workers.ekfac_statistics(state)
+    for rank in range(WORLD):
+        got = suite[rank][f"ekfac_inverse/{world_size}/statistics"]
+        assert len(got) == len(expected) == 8  # A, G, damping per layer, then one dense block per layer
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_shampoo_shares_each_root_refresh_and_in_gradient_mode_each_product(suite):
+    # Roots refreshed at steps 2 and 4: each tensor's on one rank. In gradient mode every
+    # step has one exchange of the outputs (with the rejection counts), each tensor's from its owner.
+    calls = [suite[rank]["shampoo_inverse/4/computed"] for rank in range(WORLD)]
+    assert all(len(rank_calls) == 2 for rank_calls in calls)
+    for call in range(2):
+        assert sorted(item for rank_calls in calls for item in rank_calls[call]) == [0, 1, 2, 3]
+    calls = [suite[rank]["shampoo_gradient/4/computed"] for rank in range(WORLD)]
+    assert all(len(rank_calls) == workers.STEPS for rank_calls in calls)
+    for call in range(workers.STEPS):
+        assert sorted(item for rank_calls in calls for item in rank_calls[call]) == [0, 1, 2, 3]
 
 
 def test_fisher_mc_averages_the_shards_own_samples(suite):
@@ -87,3 +123,35 @@ def test_bucketed_collectives_and_the_consistency_check(suite):
         assert torch.equal(sent["a"], torch.arange(5, dtype=torch.float64) + 1)
         assert torch.equal(sent["b"], torch.ones(2, 3, dtype=torch.float32)) and float(sent["c"][0]) == 2.0
         assert "differs between ranks" in out["check"] and "'different'" in out["check"]
+
+
+@pytest.mark.parametrize("kind", ["fisher", "ggn", "empirical_fisher"])
+def test_eigenbasis_moments_of_the_shards_average_to_those_of_the_concatenated_batch(kind):
+    # Why averaging EKFAC's moments over ranks is exact: the output gradients carry the mean
+    # loss's 1/sqrt(N), so the moments s = sum_n (Q_G^T g_n a_n^T Q_A)^2 are a mean over examples.
+    model, params, batches = workers.problem()
+    inputs, targets = batches[0]
+    generator = torch.Generator().manual_seed(3)
+
+    def orthonormal(size: int) -> torch.Tensor:
+        return torch.linalg.qr(torch.randn(1, size, size, generator=generator, dtype=torch.float64))[0]
+
+    bases = {layer.name: None for layer in model.layers}
+
+    def moments(batch):
+        builder = BlockBuilder(model, params, batch, kind, "expand", None, 1, "example", None)
+        out = []
+        for layer in model.layers:
+            layer_inputs, grads = builder.layer_statistics(layer)
+            if bases[layer.name] is None:
+                bases[layer.name] = (orthonormal(layer_inputs.shape[-1]), orthonormal(grads.shape[-1]))
+            out.append(eigenbasis_moments(layer_inputs, grads, *bases[layer.name]))
+        return out
+
+    whole = moments((inputs, targets))
+    size = workers.GLOBAL_BATCH // WORLD
+    shards = [moments((inputs[r * size:(r + 1) * size], targets[r * size:(r + 1) * size])) for r in range(WORLD)]
+    for layer, expected in enumerate(whole):
+        mean = sum(shard[layer] for shard in shards) / WORLD
+        torch.testing.assert_close(mean, expected, rtol=1e-12, atol=1e-15)
+        assert float(expected.abs().max()) > 1e-2

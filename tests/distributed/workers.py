@@ -4,7 +4,9 @@ references they are compared with."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -47,6 +49,12 @@ def shampoo(model: fp.Model, distributed: Any = None) -> fp.GradientTransformati
                       distributed=distributed)
 
 
+def ekfac(model: fp.Model, distributed: Any = None) -> fp.GradientTransformation:
+    # The exact Fisher again; a new eigenbasis every 2 estimates (steps 0 and 2, both shared),
+    # the moments re-estimated every step.
+    return fp.ekfac(model, learning_rate=0.2, kind="fisher", basis_every=2, distributed=distributed)
+
+
 def diagonal(model: fp.Model, distributed: Any = None) -> fp.GradientTransformation:
     # Diagonal statistics, averaged like the Kronecker factors; refreshed on every rank.
     return fp.natural_gradient(model, learning_rate=0.2, kind="fisher", structure="diag", distributed=distributed)
@@ -56,6 +64,8 @@ RECIPES: dict[str, tuple[Callable[..., fp.GradientTransformation], str]] = {
     "kfac_inverse": (kfac, "inverse"),
     "kfac_gradient": (kfac, "gradient"),
     "shampoo_inverse": (shampoo, "inverse"),
+    "shampoo_gradient": (shampoo, "gradient"),
+    "ekfac_inverse": (ekfac, "inverse"),
     "diagonal_replicate": (diagonal, "replicate"),
 }
 
@@ -67,22 +77,58 @@ def train(name: str, communicator: fpd.Communicator | None) -> dict[str, torch.T
 
 
 def held_blocks(state: Any) -> int | None:
-    """How many preconditioner blocks a K-FAC state holds itself (not :class:`RemoteBlock`)."""
+    """How many preconditioner blocks a K-FAC state holds itself (not :class:`RemoteBlock`), or
+    how many Shampoo roots (matrices, counted over batched blocks) and statistics a Shampoo state holds."""
     inner = state["recipe"].inner_state if isinstance(state, dict) else None
-    if inner is None or "precondition" not in inner:
+    if inner is None:
         return None
-    return sum(not isinstance(block, fpd.RemoteBlock) for block in inner["precondition"].preconditioner.blocks)
+    if "precondition" in inner:
+        return sum(not isinstance(block, fpd.RemoteBlock) for block in inner["precondition"].preconditioner.blocks)
+    if "shampoo" in inner:
+        shampoo_state = inner["shampoo"]["shampoo"].direction_state  # partition -> graft -> scale_by_shampoo
+        roots = sum(leaf.shape[0] for leaf in fp.tree.tree_leaves(shampoo_state.roots))
+        statistics = sum(leaf.shape[0] for leaf in fp.tree.tree_leaves(shampoo_state.statistics))
+        assert roots == statistics  # a process keeps the statistics of the roots it keeps, no others
+        return roots
+    return None
+
+
+COMPUTED: list[list[int]] = []
+"""Per :meth:`DataParallel.share` call in this process, the items it computed itself (test bookkeeping)."""
+
+
+class RecordingParallel(fpd.DataParallel):
+    """:class:`DataParallel` that records which shared items this process computes."""
+
+    def share(self, compute: Callable[[int], Any], templates: Any, prices: Any = None) -> list[Any]:
+        mine: list[int] = []
+        COMPUTED.append(mine)
+
+        def recorded(index: int) -> Any:
+            mine.append(index)
+            return compute(index)
+
+        return super().share(recorded, templates, prices)
+
+
+def ekfac_statistics(state: Any) -> list[torch.Tensor]:
+    """The running Kronecker factors and the EKFAC curvature (dense, so that the eigenvectors'
+    signs do not matter) of an EKFAC recipe's state, chained or not."""
+    recipe_state = state["recipe"] if isinstance(state, dict) else state
+    estimator = recipe_state.inner_state["precondition"].estimator
+    return fp.tree.tree_leaves(estimator.factors) + [block.dense() for block in estimator.curvature.blocks]
 
 
 def train_with_state(name: str, communicator: fpd.Communicator | None) -> tuple[dict[str, torch.Tensor], Any]:
-    """:func:`train`, and the final optimizer state."""
+    """:func:`train`, and the final optimizer state (:data:`COMPUTED` records the shared work)."""
     model, params, batches = problem()
     make, mode = RECIPES[name]
+    COMPUTED.clear()
     if communicator is None:
         optimizer = make(model)
     else:
         optimizer = fp.named_chain(("all_reduce", fpd.all_reduce_gradients(communicator)),
-                                   ("recipe", make(model, fpd.DataParallel(communicator, mode))))
+                                   ("recipe", make(model, RecordingParallel(communicator, mode))))
     state = optimizer.init(params)
     key = fp.random.key(SEED)
     for batch in batches:
@@ -175,10 +221,12 @@ def data_parallel_suite(communicator: fpd.Communicator) -> dict[str, Any]:
     pair = fpd.Communicator.from_group(pairs[communicator.rank // 2], store=communicator.store)
     result: dict[str, Any] = {}
     for name in RECIPES:
-        params, state = train_with_state(name, communicator)
-        result[f"{name}/4"], result[f"{name}/4/held"] = params, held_blocks(state)
-        params, state = train_with_state(name, pair)
-        result[f"{name}/2"], result[f"{name}/2/held"] = params, held_blocks(state)
+        for world, group in ((4, communicator), (2, pair)):
+            params, state = train_with_state(name, group)
+            result[f"{name}/{world}"], result[f"{name}/{world}/held"] = params, held_blocks(state)
+            result[f"{name}/{world}/computed"] = [list(items) for items in COMPUTED]
+            if name.startswith("ekfac"):
+                result[f"{name}/{world}/statistics"] = ekfac_statistics(state)
     result["fisher_mc/4"] = fp.tree.tree_leaves(fisher_mc_curvature(communicator))
     result["refresh/4"] = sharded_refresh(communicator)
     result["collectives"] = collectives(communicator)
@@ -190,6 +238,23 @@ def fail_on_rank_one(communicator: fpd.Communicator) -> float:
     fpd.all_reduce_mean({"x": torch.ones(3)}, communicator)
     if communicator.rank == 1:
         raise ValueError("boom on purpose")
+    return _timed_second_all_reduce(communicator)
+
+
+def hang_on_rank_one(communicator: fpd.Communicator, folder: str) -> float:
+    """Rank 1 stops answering (sleeps in a loop, never raises) after the first all-reduce;
+    the others enter a second one and must fail when the collective timeout runs out.
+    Every rank leaves its process id in ``folder`` first."""
+    Path(folder, f"pid-{communicator.rank}").write_text(str(os.getpid()))
+    fpd.all_reduce_mean({"x": torch.ones(3)}, communicator)
+    if communicator.rank == 1:
+        while True:
+            time.sleep(0.05)
+    return _timed_second_all_reduce(communicator)
+
+
+def _timed_second_all_reduce(communicator: fpd.Communicator) -> float:
+    """An all-reduce the failed peer never joins: its PeerFailure, with the seconds waited added."""
     start = time.monotonic()
     try:
         fpd.all_reduce_mean({"x": torch.ones(3)}, communicator)

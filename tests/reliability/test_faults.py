@@ -368,3 +368,33 @@ def test_eigh_of_a_non_finite_matrix_gives_nan_values_not_an_error():
         alone_values, alone_vectors = symmetric_eigh(matrices[index])
         assert torch.equal(values[index], alone_values) and torch.equal(vectors[index], alone_vectors)
         torch.testing.assert_close(alone_values, torch.linalg.eigvalsh(matrices[index]), rtol=1e-10, atol=1e-12)
+
+
+def test_eigh_that_fails_to_converge_in_float32_is_redone_in_float64(monkeypatch):
+    """LAPACK's float32 solver can fail to converge on finite, rank-deficient matrices (K-FAC
+    factors of a 1024-wide layer from a batch of 256 do); the decomposition is then done in
+    float64 and cast back, instead of the error stopping training."""
+    from fprecond import spectral
+
+    generator = torch.Generator().manual_seed(2)
+    roots = torch.randn(2, 6, 3, generator=generator, dtype=torch.float64)
+    matrices = (roots @ roots.mT).float()  # rank 3 of 6
+    real_eigh = torch.linalg.eigh
+    calls = []
+
+    def flaky_eigh(matrix):
+        calls.append(matrix.dtype)
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real_eigh(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky_eigh)
+    values, vectors = spectral.symmetric_eigh(matrices)
+    assert calls == [torch.float32, torch.float64]
+    assert values.dtype == vectors.dtype == torch.float32
+    torch.testing.assert_close(vectors @ torch.diag_embed(values) @ vectors.mT, matrices, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(matrices.double()).float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(torch.linalg.LinAlgError):  # float64 failures are not hidden
+        monkeypatch.setattr(torch.linalg, "eigh", lambda matrix: (_ for _ in ()).throw(
+            torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")))
+        spectral.symmetric_eigh(matrices.double())
