@@ -20,16 +20,17 @@ statistics updates so far.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from fprecond._validation import check_choice, check_number, check_positive_int
 from fprecond.base import GradientTransformation, Params, ScalarOrSchedule, Updates, named_chain
-from fprecond.lazy import concrete, lazy_where
+from fprecond.lazy import lazy_where
 from fprecond.optimizers._blocking import (BlockPlan, accumulate_statistics, finite_matrices, mode_product,
                                           plan_blocks)
 from fprecond.optimizers._recipe import guarded
+from fprecond.optimizers._shampoo_sharing import Blocks, owned_names, owners_exchange
 from fprecond.precondition import DataParallelism, is_due
 from fprecond.solvers.linalg import eigh_power, inverse_root_newton
 from fprecond.transforms import add_decayed_weights, scale_by_learning_rate, trace
@@ -40,10 +41,6 @@ from fprecond.tree import (PyTree, tree_flatten_ordered, tree_flatten_with_names
                            tree_zeros_like)
 
 __all__ = ["scale_by_shampoo", "ScaleByShampooState", "shampoo"]
-
-Blocks = tuple[tuple[torch.Tensor, ...], ...]
-"""Per block group, per mode: a ``(B, d, d)`` tensor."""
-
 
 class ScaleByShampooState(NamedTuple):
     """State of :func:`scale_by_shampoo` (tensor leaves only).
@@ -199,19 +196,6 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
             return eigh_power(matrix, exponent, damping)
         return inverse_root_newton(matrix, root_override or 2 * order, damping, iterations=newton_iterations)
 
-    def prices(plans: list[BlockPlan], like: torch.Tensor) -> list[Blocks]:
-        """The roots' shapes on the ``meta`` device: what a tensor's share of the work costs."""
-        return [tuple(tuple(torch.empty(group.num_blocks, group.block_shape[m], group.block_shape[m],
-                                        dtype=like.dtype, device="meta") for m in group.modes)
-                      for group in plan.groups) for plan in plans]
-
-    def owned_names(names: list[str], plans: list[BlockPlan], like: torch.Tensor) -> list[str]:
-        """``mode="gradient"``: the preconditioned tensors this process owns."""
-        assert distributed is not None
-        shared = [(name, plan) for name, plan in zip(names, plans) if plan.preconditioned]
-        flags = distributed.owned(prices([plan for _, plan in shared], like))
-        return [name for (name, _), own in zip(shared, flags) if own]
-
     def init(params: Params) -> ScaleByShampooState:
         names, leaves, _ = tree_flatten_with_names(params)
         statistics: dict[str, Blocks] = {}
@@ -227,7 +211,8 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
         if gradient_mode and leaves:
             # Others' tensors hold no statistics and no roots here: ``()``, which the loops
             # below pass over (zip with an empty tuple), so only the owner updates them.
-            mine = set(owned_names(names, [plan_of(leaf) for leaf in leaves], leaves[0]))
+            assert distributed is not None
+            mine = set(owned_names(distributed, names, [plan_of(leaf) for leaf in leaves], leaves[0]))
             for name, leaf in zip(names, leaves):
                 if plan_of(leaf).preconditioned and name not in mine:
                     statistics[name], roots[name] = (), ()
@@ -235,56 +220,6 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
         return ScaleByShampooState(count=zero, statistics_count=zero.clone(),
                                    mu=tree_zeros_like(params) if b1 else {}, statistics=statistics, roots=roots,
                                    rejected=zero.clone())
-
-    def owners_exchange(step: torch.Tensor, names: list[str], plans: list[BlockPlan], directions: list[torch.Tensor],
-                        accepted: dict[str, Any],
-                        new_roots: Callable[[str | None], tuple[dict[str, Blocks], torch.Tensor]],
-                        apply_roots: Callable[[int, Blocks], torch.Tensor], old_roots: dict[str, Blocks],
-                        root_due: torch.Tensor) -> tuple[dict[str, Blocks], list[torch.Tensor], torch.Tensor]:
-        """``mode="gradient"``: refresh the own roots, apply them, and exchange the outputs.
-
-        Returns the roots (own ones; ``()`` for the others'), every tensor's output, and the
-        number of statistics and roots rejected on all processes together.
-        """
-        assert distributed is not None
-        zero = torch.zeros_like(step)
-        like = directions[0]
-
-        def own_roots() -> tuple[dict[str, Blocks], dict[str, torch.Tensor]]:
-            fresh: dict[str, Blocks] = {}
-            counts: dict[str, torch.Tensor] = {}
-            for name in names:  # others' tensors have () statistics: nothing is computed for them
-                roots_of, counts[name] = new_roots(name)
-                fresh[name] = roots_of[name]
-            return fresh, counts
-
-        roots, root_rejected = lazy_where(root_due, own_roots, (old_roots, {name: zero for name in names}))
-        # Unpreconditioned tensors have no statistics and no roots: their output is Ĝ everywhere.
-        shared = [index for index, plan in enumerate(plans) if plan.preconditioned]
-
-        def rejected_of(index: int) -> torch.Tensor:
-            """What the owner rejected for this tensor (statistics and roots); it travels with the output."""
-            flags = [ok for group in accepted[names[index]] for ok in group]
-            statistics_count = sum(((~ok).sum().to(zero.dtype) for ok in flags), zero)
-            return statistics_count + root_rejected[names[index]]
-
-        pricing = prices([plans[index] for index in shared], like)
-        started = concrete(step >= start)
-        outputs = list(directions)
-        if started is not None and not bool(started.any()):
-            # Before the start the output is Ĝ, known everywhere: only the counts travel.
-            counts = distributed.share(lambda item: rejected_of(shared[item]), [zero] * len(shared), pricing)
-        else:
-            def output_of(item: int) -> tuple[torch.Tensor, torch.Tensor]:
-                index = shared[item]
-                output = lazy_where(step >= start, lambda: apply_roots(index, roots[names[index]]), directions[index])
-                return output, rejected_of(index)
-
-            results = distributed.share(output_of, [(directions[index], zero) for index in shared], pricing)
-            for index, (output, _) in zip(shared, results):
-                outputs[index] = output
-            counts = [count for _, count in results]
-        return roots, outputs, sum(counts, zero)
 
     def update(updates: Updates, state: ScaleByShampooState, params: Params | None = None, **extra: Any):
         del params, extra
@@ -369,8 +304,9 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, epsilon: float = 1e-12,
 
         if gradient_mode:
             # statistics_rejected is not added: each owner counts its own tensors' rejections.
-            roots, outputs, rejected = owners_exchange(step, names, plans, directions, accepted, new_roots,
-                                                       apply_roots, state.roots, root_due)
+            assert distributed is not None
+            roots, outputs, rejected = owners_exchange(distributed, step, start, names, plans, directions, accepted,
+                                                       new_roots, apply_roots, state.roots, root_due)
             new_state = ScaleByShampooState(count=step, statistics_count=statistics_count, mu=mu,
                                             statistics=statistics, roots=roots, rejected=state.rejected + rejected)
             return tree_unflatten_ordered(treedef, outputs), new_state
