@@ -71,42 +71,35 @@ def test_safe_norm_in_float32_at_extreme_scales():
     assert float(safe_norm(torch.zeros(3))) == 0.0
 
 
+def _assert_steps_match_torch(grafting, make_torch_optimizer, lr: float) -> None:
+    """Four steps of ``chain(grafting, lr)`` equal four steps of the torch.optim optimizer."""
+    opt = fp.chain(grafting, fp.scale_by_learning_rate(lr))
+    params = make_params()
+    state = opt.init(params)
+    torch_params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    torch_opt = make_torch_optimizer(list(torch_params.values()), lr)
+    for grads in make_grads(4):
+        updates, state = opt.update(grads, state, params)
+        params = fp.apply_updates(params, updates)
+        for key, p in torch_params.items():
+            p.grad = grads[key].clone()
+        torch_opt.step()
+        for key in params:
+            torch.testing.assert_close(params[key], torch_params[key].detach(), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("kind,reference", [
     ("adagrad", lambda p, lr: torch.optim.Adagrad(p, lr=lr, eps=1e-10)),
     ("rmsprop", lambda p, lr: torch.optim.RMSprop(p, lr=lr, alpha=0.99, eps=1e-8)),
 ])
 def test_diagonal_methods_match_torch_optim(kind, reference):
-    lr = 0.1
-    opt = fp.chain(scale_by_grafting(kind), fp.scale_by_learning_rate(lr))
-    params = make_params()
-    state = opt.init(params)
-    torch_params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    torch_opt = reference(list(torch_params.values()), lr)
-    for grads in make_grads(4):
-        updates, state = opt.update(grads, state, params)
-        params = fp.apply_updates(params, updates)
-        for key, p in torch_params.items():
-            p.grad = grads[key].clone()
-        torch_opt.step()
-        for key in params:
-            torch.testing.assert_close(params[key], torch_params[key].detach(), rtol=1e-12, atol=1e-14)
+    _assert_steps_match_torch(scale_by_grafting(kind), reference, lr=0.1)
 
 
 def test_adam_grafting_with_filtered_gradient_is_torch_adam():
-    lr, b1, b2 = 0.1, 0.9, 0.999
-    opt = fp.chain(scale_by_grafting("adam", b1=b1, b2=b2), fp.scale_by_learning_rate(lr))
-    params = make_params()
-    state = opt.init(params)
-    torch_params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    torch_opt = torch.optim.Adam(list(torch_params.values()), lr=lr, betas=(b1, b2), eps=1e-8)
-    for grads in make_grads(4):
-        updates, state = opt.update(grads, state, params)
-        params = fp.apply_updates(params, updates)
-        for key, p in torch_params.items():
-            p.grad = grads[key].clone()
-        torch_opt.step()
-        for key in params:
-            torch.testing.assert_close(params[key], torch_params[key].detach(), rtol=1e-12, atol=1e-14)
+    b1, b2 = 0.9, 0.999
+    _assert_steps_match_torch(scale_by_grafting("adam", b1=b1, b2=b2),
+                              lambda p, lr: torch.optim.Adam(p, lr=lr, betas=(b1, b2), eps=1e-8), lr=0.1)
 
 
 def test_filtered_gradient_nesterov_is_the_look_ahead():
